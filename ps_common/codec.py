@@ -1,0 +1,205 @@
+"""Conversions between torch objects and protobuf messages, for both sides.
+
+Tensors travel as raw bytes of their flattened elements: `tensor_to_chunks`
+cuts one into TensorChunk messages and `ChunkAssembler` writes incoming
+chunks straight into destination tensors, one copy per byte, no Python loop
+over elements. Hyperparameters travel as typed Values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ps_common.errors import InvalidArgument
+from ps_common.proto import ps_pb2 as pb
+
+# 64 KiB below gRPC's default 4 MiB message limit leaves room for the
+# message's other fields, so chunks never need a raised limit.
+DEFAULT_CHUNK_BYTES = 4 * 2**20 - 64 * 2**10
+
+_DTYPES: dict[int, torch.dtype] = {
+    pb.FLOAT32: torch.float32,
+    pb.FLOAT64: torch.float64,
+    pb.FLOAT16: torch.float16,
+    pb.BFLOAT16: torch.bfloat16,
+    pb.INT8: torch.int8,
+    pb.INT16: torch.int16,
+    pb.INT32: torch.int32,
+    pb.INT64: torch.int64,
+    pb.UINT8: torch.uint8,
+    pb.BOOL: torch.bool,
+    pb.COMPLEX64: torch.complex64,
+    pb.COMPLEX128: torch.complex128,
+}
+_PROTO_DTYPES = {dtype: code for code, dtype in _DTYPES.items()}
+
+# Like hivemind's codec registry: a DType added to the proto without a torch
+# dtype here fails at import, not on the first tensor that uses it.
+_unmapped = set(pb.DType.values()) - set(_DTYPES) - {pb.DTYPE_UNSPECIFIED}
+if _unmapped:
+    raise ImportError(f"proto DType values without a torch dtype: {sorted(_unmapped)}")
+
+
+def dtype_to_proto(dtype: torch.dtype) -> int:
+    try:
+        return _PROTO_DTYPES[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} cannot travel; supported: {sorted(map(str, _PROTO_DTYPES))}") from None
+
+
+def dtype_from_proto(code: int) -> torch.dtype:
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise InvalidArgument(f"unknown or unspecified dtype code {code}") from None
+
+
+def _byte_view(tensor: torch.Tensor) -> np.ndarray:
+    """The tensor's memory as a flat uint8 array (no copy); any dtype, bf16 too."""
+    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def tensor_to_chunks(key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Cut a CPU tensor into chunks of at most `chunk_bytes` data bytes.
+
+    The tensor is read once per chunk as it is sent, so callers must not
+    change it until the iterator is exhausted.
+    """
+    flat = tensor.detach().contiguous().reshape(-1)
+    dtype, shape = dtype_to_proto(flat.dtype), list(tensor.shape)
+    itemsize = flat.element_size()
+    per_chunk = max(1, chunk_bytes // itemsize)
+    raw = _byte_view(flat)
+    offset = 0
+    while True:
+        stop = min(offset + per_chunk, flat.numel())
+        yield pb.TensorChunk(
+            key=key, dtype=dtype, shape=shape, offset=offset, data=raw[offset * itemsize : stop * itemsize].tobytes()
+        )
+        offset = stop
+        if offset >= flat.numel():
+            return
+
+
+def absent_chunk(key: str) -> pb.TensorChunk:
+    """The marker for a key without a gradient this step."""
+    return pb.TensorChunk(key=key, absent=True)
+
+
+@dataclass
+class _Pending:
+    dest: np.ndarray  # uint8 view of the destination tensor's memory
+    dtype: int
+    shape: tuple[int, ...]
+    filled: int = 0  # bytes written so far
+
+
+# Called with a key's first chunk; returns the flat tensor to fill, after
+# checking that key, dtype and shape are acceptable (raising otherwise).
+Allocator = Callable[[pb.TensorChunk], torch.Tensor]
+
+
+class ChunkAssembler:
+    """Reassembles streamed chunks into tensors, checking as it goes.
+
+    Destinations come from `allocate`, so a server can refuse an unknown key
+    or wrong shape before reserving memory, and a client can receive straight
+    into its parameters. `finish()` returns the completed tensors and the
+    keys marked absent, and raises if any tensor is incomplete.
+    """
+
+    def __init__(self, allocate: Allocator) -> None:
+        self._allocate = allocate
+        self._pending: dict[str, _Pending] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.absent: set[str] = set()
+        self.bytes_received = 0
+
+    def add(self, chunk: pb.TensorChunk) -> None:
+        key = chunk.key
+        if key in self.absent:
+            raise InvalidArgument(f"key {key!r}: data after the absent marker")
+        if chunk.absent:
+            if key in self._tensors:
+                raise InvalidArgument(f"key {key!r}: absent marker after data")
+            self.absent.add(key)
+            return
+        pending = self._pending.get(key)
+        if pending is None:
+            if chunk.offset != 0:
+                raise InvalidArgument(f"key {key!r}: first chunk starts at element {chunk.offset}, not 0")
+            tensor = self._allocate(chunk)
+            self._tensors[key] = tensor
+            pending = _Pending(_byte_view(tensor), chunk.dtype, tuple(chunk.shape))
+            self._pending[key] = pending
+        elif chunk.dtype != pending.dtype or tuple(chunk.shape) != pending.shape:
+            raise InvalidArgument(f"key {key!r}: dtype or shape changed between chunks")
+        itemsize = self._tensors[key].element_size()
+        start = chunk.offset * itemsize
+        if start != pending.filled:
+            raise InvalidArgument(
+                f"key {key!r}: chunk at element {chunk.offset} but {pending.filled // itemsize} elements received"
+            )
+        stop = start + len(chunk.data)
+        if stop > pending.dest.size or len(chunk.data) % itemsize:
+            raise InvalidArgument(f"key {key!r}: chunk of {len(chunk.data)} bytes overruns or splits an element")
+        pending.dest[start:stop] = np.frombuffer(chunk.data, dtype=np.uint8)
+        pending.filled = stop
+        self.bytes_received += len(chunk.data)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.size]
+        if incomplete:
+            raise InvalidArgument(f"stream ended before these keys were complete: {incomplete}")
+        return self._tensors
+
+
+def new_tensor_for(chunk: pb.TensorChunk) -> torch.Tensor:
+    """A fresh flat tensor sized for the whole tensor that `chunk` starts."""
+    numel = 1
+    for dim in chunk.shape:
+        if dim < 0:
+            raise InvalidArgument(f"key {chunk.key!r}: negative dimension in shape {list(chunk.shape)}")
+        numel *= dim
+    return torch.empty(numel, dtype=dtype_from_proto(chunk.dtype))
+
+
+def value_to_proto(name: str, value: Any) -> pb.Value:
+    # bool before int: bool is a subclass of int.
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool):
+        return pb.Value(flag=value)
+    if isinstance(value, int):
+        return pb.Value(integer=value)
+    if isinstance(value, float):
+        return pb.Value(number=value)
+    if isinstance(value, str):
+        return pb.Value(text=value)
+    if value is None:
+        return pb.Value(none=True)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return pb.Value(numbers=pb.NumberList(values=[float(v) for v in value]))
+    raise InvalidArgument(f"hyperparameter {name!r} = {value!r} has a type that cannot travel")
+
+
+def value_from_proto(value: pb.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "numbers":
+        return tuple(value.numbers.values)
+    if kind is None or kind == "none":
+        return None
+    return getattr(value, kind)
+
+
+def options_to_proto(options: Mapping[str, Any]) -> pb.ParamGroup:
+    return pb.ParamGroup(options={k: value_to_proto(k, v) for k, v in options.items()})
+
+
+def options_from_proto(group: pb.ParamGroup) -> dict[str, Any]:
+    return {k: value_from_proto(v) for k, v in group.options.items()}

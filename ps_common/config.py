@@ -1,0 +1,123 @@
+"""The one place that reads command-line flags and PS_* environment variables.
+
+Each CLI declares its settings as a frozen dataclass; `parse_config` turns
+every field into a flag (`--field-name`) and an environment variable
+(`PS_FIELD_NAME`). Precedence: flag, then environment, then the dataclass
+default. A field holding another dataclass contributes that dataclass's
+fields, so option groups can be shared between CLIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+ENV_PREFIX = "PS_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+T = TypeVar("T")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _scalar_type(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
+    """The Python type of a field, and its choices if it is a Literal."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(args[0]), tuple(args)
+    if args:  # Optional[X] / X | None
+        non_none = [a for a in args if a is not type(None)]
+        return _scalar_type(non_none[0])
+    return annotation, None
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Leaf fields of a config dataclass, nested dataclasses flattened."""
+    hints = typing.get_type_hints(cls)
+    leaves = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            leaves.extend(_fields(typing.cast(type, hint)))
+        else:
+            leaves.append((field, hint))
+    return leaves
+
+
+def build_parser(cls: type, description: str, env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """An argparse parser for `cls`, with defaults taken from the environment."""
+    env = os.environ if env is None else env
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for field, hint in _fields(cls):
+        kind, choices = _scalar_type(hint)
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        variable = env_name(field.name)
+        if variable in env:
+            try:
+                default = _parse_bool(env[variable]) if kind is bool else kind(env[variable])
+            except ValueError as exc:
+                parser.error(f"environment variable {variable}={env[variable]!r}: {exc}")
+        help_text = f"{field.metadata.get('help', '')} [env {variable}]"
+        if kind is bool:
+            parser.add_argument(
+                flag_name(field.name), action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        else:
+            parser.add_argument(flag_name(field.name), type=kind, choices=choices, default=default, help=help_text)
+    return parser
+
+
+def _construct(cls: type[T], values: Mapping[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        hint = hints[field.name]
+        kwargs[field.name] = _construct(hint, values) if dataclasses.is_dataclass(hint) else values[field.name]
+    return cls(**kwargs)
+
+
+def parse_config(
+    cls: type[T], description: str, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> T:
+    """Build `cls` from flags over environment over defaults."""
+    namespace = build_parser(cls, description, env).parse_args(argv)
+    return _construct(cls, vars(namespace))
+
+
+def setting(default: Any, help: str) -> Any:
+    """A config field with its help text (shown by --help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def cli_args(config: Any) -> list[str]:
+    """The flags that reproduce `config` on another process's command line."""
+    args: list[str] = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            args += cli_args(value)
+        elif isinstance(value, bool):
+            args.append(flag_name(field.name) if value else "--no-" + field.name.replace("_", "-"))
+        elif value is not None:
+            args += [flag_name(field.name), str(value)]
+    return args

@@ -1,0 +1,24 @@
+"""Settings of one parameter-server process (flags and PS_* variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ps_common.codec import DEFAULT_CHUNK_BYTES
+from ps_common.config import setting
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface")
+    port: int = setting(50051, "port to bind; 0 picks a free one")
+    port_file: str | None = setting(None, "write the bound port to this file once serving")
+    threads: int = setting(64, "gRPC handler threads; each waiting pull holds one")
+    torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)")
+    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends")
+    max_wait: float = setting(600.0, "longest a pull waits for other workers, whatever its deadline")
+    wait_log_interval: float = setting(10.0, "seconds between log lines while a pull waits")
+    grace: float = setting(5.0, "seconds in-flight calls get to finish on shutdown")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting("INFO", "log level")
+    log_json: bool = setting(False, "log one JSON object a line")

@@ -1,0 +1,108 @@
+"""Server-side optimizers: torch.optim's own implementations on each shard.
+
+The update rules are torch's, not ours: a shard's slices are the parameters
+of a real torch.optim optimizer, we set their `.grad` and call `step()`.
+Only elementwise optimizers are allowed, because only for them is updating
+a slice of a tensor the same as updating the whole tensor and slicing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ps_common import codec
+from ps_common.errors import InvalidArgument, NotFound
+from ps_common.proto import ps_pb2 as pb
+
+ELEMENTWISE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    cls.__name__: cls
+    for cls in (
+        torch.optim.SGD,
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.Adagrad,
+        torch.optim.RMSprop,
+        torch.optim.Adamax,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.Adadelta,
+        torch.optim.Rprop,
+        torch.optim.ASGD,
+    )
+}
+
+
+class ShardOptimizer:
+    """A torch optimizer over one server's slices, one param group per worker-side group."""
+
+    def __init__(self, spec: pb.OptimizerSpec, params: Sequence[torch.Tensor], groups: Sequence[int]) -> None:
+        cls = ELEMENTWISE_OPTIMIZERS.get(spec.name)
+        if cls is None:
+            raise NotFound(
+                f"optimizer {spec.name!r} is not supported on the server; "
+                f"elementwise torch.optim optimizers are: {sorted(ELEMENTWISE_OPTIMIZERS)}"
+            )
+        self.name = spec.name
+        self.group_options = [codec.options_from_proto(g) for g in spec.groups]
+        members: list[list[torch.Tensor]] = [[] for _ in self.group_options]
+        for param, group in zip(params, groups, strict=True):
+            members[group].append(param)
+        param_groups = [{"params": m, **options} for m, options in zip(members, self.group_options, strict=True)]
+        try:
+            self._torch = cls(param_groups)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise InvalidArgument(f"{spec.name} refused its hyperparameters: {exc}") from None
+
+    def check_options(self, groups: Sequence[pb.ParamGroup]) -> list[dict[str, Any]]:
+        """Decode a push's hyperparameters, refusing any change of structure."""
+        if len(groups) != len(self.group_options):
+            raise InvalidArgument(f"push has {len(groups)} param groups, the job has {len(self.group_options)}")
+        decoded = [codec.options_from_proto(g) for g in groups]
+        for index, (new, old) in enumerate(zip(decoded, self.group_options, strict=True)):
+            if new.keys() != old.keys():
+                raise InvalidArgument(
+                    f"param group {index}: options {sorted(new)} differ from the job's {sorted(old)}"
+                )
+            for name, value in new.items():
+                if _kind(value) != _kind(old[name]):
+                    raise InvalidArgument(
+                        f"param group {index}: {name} changed type from {type(old[name]).__name__} "
+                        f"to {type(value).__name__}"
+                    )
+        return decoded
+
+    def step(self, options: Sequence[Mapping[str, Any]] | None, lr_scale: float = 1.0) -> None:
+        """Apply one update to every parameter whose `.grad` is set.
+
+        `options` are the worker's current hyperparameters (already checked);
+        `lr_scale` shrinks the learning rate for this step only.
+        """
+        if options is not None:
+            self.group_options = [dict(o) for o in options]
+        for torch_group, group_options in zip(self._torch.param_groups, self.group_options, strict=True):
+            torch_group.update(group_options)
+            if lr_scale != 1.0:
+                torch_group["lr"] = torch_group["lr"] * lr_scale
+        self._torch.step()
+
+    def state_bytes(self) -> int:
+        return sum(
+            v.numel() * v.element_size()
+            for state in self._torch.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+
+def _kind(value: Any) -> str:
+    """Type class of a hyperparameter; int and float interchange (a scheduler may turn 1 into 0.5)."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__

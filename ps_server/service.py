@@ -1,0 +1,157 @@
+"""The gRPC face of a shard: decodes requests, calls the Shard, encodes
+answers, and turns our typed errors into gRPC status codes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from ps_common import PROTOCOL_VERSION, codec
+from ps_common.errors import InvalidArgument, PSError
+from ps_common.proto import ps_pb2 as pb
+from ps_common.proto import ps_pb2_grpc
+from ps_server.config import ServerConfig
+from ps_server.shard import Shard
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _status_errors(method: F) -> F:
+    """Answer a PSError with its status code and message instead of UNKNOWN."""
+
+    @functools.wraps(method)
+    def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except PSError as exc:
+            self.shard.counters[f"rejected_{exc.code.name.lower()}"] += 1
+            context.abort(exc.code, str(exc))
+
+    @functools.wraps(method)
+    def streaming(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            yield from method(self, request, context)
+        except PSError as exc:
+            self.shard.counters[f"rejected_{exc.code.name.lower()}"] += 1
+            context.abort(exc.code, str(exc))
+
+    return streaming if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
+
+
+def _check_protocol(version: int) -> None:
+    if version != PROTOCOL_VERSION:
+        raise InvalidArgument(f"client speaks protocol version {version}, this server speaks {PROTOCOL_VERSION}")
+
+
+def _split_stream(requests: Iterator[Any], what: str) -> tuple[Any, Iterator[Any]]:
+    """The header of a client stream's first message, and every message."""
+    first = next(requests, None)
+    if first is None or not first.HasField("header"):
+        raise InvalidArgument(f"the first {what} message must carry the header")
+    return first.header, itertools.chain([first], requests)
+
+
+def _assemble(messages: Iterator[Any], assembler: codec.ChunkAssembler) -> None:
+    for index, message in enumerate(messages):
+        if index and message.HasField("header"):
+            raise InvalidArgument("only the first message of a stream may carry a header")
+        if message.HasField("chunk"):
+            assembler.add(message.chunk)
+
+
+class ParameterService(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(self, shard: Shard, config: ServerConfig) -> None:
+        self.shard = shard
+        self.config = config
+
+    @_status_errors
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
+        _check_protocol(request.protocol_version)
+        job, clock = self.shard.hello(request.worker_id, request.num_workers)
+        return pb.HelloResponse(protocol_version=PROTOCOL_VERSION, initialized=job is not None, job=job, clock=clock)
+
+    @_status_errors
+    def Init(self, requests: Iterator[pb.InitRequest], context: grpc.ServicerContext) -> pb.InitResponse:
+        header, messages = _split_stream(requests, "Init")
+        _check_protocol(header.protocol_version)
+        if header.worker_id != 0:
+            raise InvalidArgument(f"only worker 0 initializes the job, not worker {header.worker_id}")
+        assembler = codec.ChunkAssembler(self.shard.init_allocator(header.job))
+        _assemble(messages, assembler)
+        already = self.shard.init(header.job, assembler.finish())
+        return pb.InitResponse(already_initialized=already)
+
+    @_status_errors
+    def Push(self, requests: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
+        header, messages = _split_stream(requests, "Push")
+        assembler = codec.ChunkAssembler(self.shard.push_allocator)
+        _assemble(messages, assembler)
+        accepted, duplicates = self.shard.push(
+            header.worker_id, header.step, header.groups, assembler.finish(), assembler.absent
+        )
+        return pb.PushResponse(accepted=accepted, duplicates=duplicates)
+
+    @_status_errors
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
+        limits = [self.config.max_wait]
+        if request.wait_seconds > 0:
+            limits.append(request.wait_seconds)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            limits.append(max(0.0, remaining - 0.05))
+        timeout = min(limits)
+        pulled = self.shard.pull(
+            request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout
+        )
+        for item in pulled:
+            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes):
+                yield pb.PullResponse(chunk=chunk, version=item.version)
+
+    @_status_errors
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return self.shard.stats()
+
+
+@dataclass
+class RunningServer:
+    """A started server; `stop()` shuts it down and frees its port and threads."""
+
+    server: grpc.Server
+    shard: Shard
+    port: int
+    address: str
+    _executor: futures.ThreadPoolExecutor
+
+    def stop(self, grace: float | None = None) -> None:
+        self.shard.close()
+        self.server.stop(grace).wait()
+        self._executor.shutdown(wait=True)
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Bind, start serving and return at once."""
+    shard = Shard(wait_log_interval=config.wait_log_interval)
+    executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
+    server = grpc.server(executor)
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        executor.shutdown()
+        raise OSError(f"could not bind {config.host}:{config.port}")
+    server.start()
+    address = f"{config.host}:{port}"
+    log.info("parameter server listening on %s", address)
+    return RunningServer(server, shard, port, address, executor)

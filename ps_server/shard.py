@@ -1,0 +1,360 @@
+"""One server's shard: its slices of the model, their optimizer, and the
+consistency rules (BSP, ASP, SSP) that decide when a push is applied and when
+a pull may read.
+
+Plain Python and torch, no gRPC: the service translates messages and errors.
+Every change happens under one lock and only after every check has passed,
+so a refused request leaves weights, optimizer state and counters as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ps_common import codec
+from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
+from ps_common.proto import ps_pb2 as pb
+from ps_server.optimizer import ShardOptimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    """One key: a tensor or a range of one, stored flat."""
+
+    spec: pb.KeySpec
+    value: torch.Tensor  # a parameter of the shard's torch optimizer
+    version: int = 0  # updates applied so far
+    grad_sum: torch.Tensor | None = None  # BSP: sum of this step's gradients so far
+    contributors: int = 0  # BSP: workers that pushed step `version` so far
+    last_push: dict[int, int] = field(default_factory=dict)  # worker -> last step pushed
+
+    @property
+    def nbytes(self) -> int:
+        return self.value.numel() * self.value.element_size()
+
+
+@dataclass
+class PulledKey:
+    key: str
+    value: torch.Tensor  # a private copy, safe to send outside the lock
+    version: int
+
+
+class Shard:
+    """The state of one parameter server and the rules that change it."""
+
+    def __init__(self, wait_log_interval: float = 10.0) -> None:
+        self._cond = threading.Condition()
+        self._wait_log_interval = wait_log_interval
+        self._closed = False
+        self.job: pb.JobSpec | None = None
+        self.slots: dict[str, Slot] = {}
+        self._optimizer: ShardOptimizer | None = None
+        self._clock: dict[int, int] = {}  # worker -> steps completely pushed
+        self._keys_pushed: dict[int, Counter[int]] = {}  # worker -> step -> keys pushed
+        self._last_push_time: dict[int, float] = {}
+        self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
+        self.counters: Counter[str] = Counter()
+
+    # -- handshake and initialization ------------------------------------------------
+
+    def hello(self, worker_id: int, num_workers: int) -> tuple[pb.JobSpec | None, int]:
+        """Check a worker's identity; return the job (None before Init) and its clock."""
+        with self._cond:
+            if self.job is not None:
+                self._check_worker(worker_id)
+                if num_workers != self.job.num_workers:
+                    raise InvalidArgument(
+                        f"worker {worker_id} believes the job has {num_workers} workers, "
+                        f"it was initialized with {self.job.num_workers}"
+                    )
+            elif not 0 <= worker_id < num_workers:
+                raise InvalidArgument(f"worker id {worker_id} is out of range for {num_workers} workers")
+            return self.job, self._clock.get(worker_id, 0)
+
+    def init_allocator(self, job: pb.JobSpec) -> codec.Allocator:
+        """Allocator for an Init stream: a chunk must match its KeySpec."""
+        specs = {k.key: k for k in job.keys}
+
+        def allocate(chunk: pb.TensorChunk) -> torch.Tensor:
+            spec = specs.get(chunk.key)
+            if spec is None:
+                raise InvalidArgument(f"Init sends key {chunk.key!r} that its job does not declare")
+            _check_matches(spec, chunk)
+            return codec.new_tensor_for(chunk)
+
+        return allocate
+
+    def init(self, job: pb.JobSpec, values: dict[str, torch.Tensor]) -> bool:
+        """Install the job and initial values; True if an identical job was already there."""
+        _validate_job(job)
+        missing = [k.key for k in job.keys if k.key not in values]
+        if missing:
+            raise InvalidArgument(f"Init carries no initial value for keys {missing}")
+        with self._cond:
+            if self.job is not None:
+                if self.job == job:
+                    return True
+                raise FailedPrecondition(
+                    "this server was already initialized with a different job "
+                    f"({_describe_difference(self.job, job)}); restart the servers to start a new job"
+                )
+            slots = {k.key: Slot(spec=k, value=values[k.key]) for k in job.keys}
+            optimizer = ShardOptimizer(job.optimizer, [s.value for s in slots.values()], [k.group for k in job.keys])
+            self.job, self.slots, self._optimizer = job, slots, optimizer
+            log.info(
+                "initialized: %s, %d workers, optimizer %s, %d keys, %.1f MiB",
+                pb.Mode.Name(job.mode), job.num_workers, job.optimizer.name, len(slots),
+                sum(s.nbytes for s in slots.values()) / 2**20,
+            )
+            self._cond.notify_all()
+            return False
+
+    # -- push ------------------------------------------------------------------------
+
+    def push_allocator(self, chunk: pb.TensorChunk) -> torch.Tensor:
+        """Allocator for a Push stream: only known keys, with their dtype and shape."""
+        slot = self._slot(chunk.key)
+        _check_matches(slot.spec, chunk)
+        return torch.empty_like(slot.value)
+
+    def push(
+        self,
+        worker_id: int,
+        step: int,
+        groups: Sequence[pb.ParamGroup],
+        grads: dict[str, torch.Tensor],
+        absent: Iterable[str] = (),
+    ) -> tuple[int, int]:
+        """Accept one worker's gradients for `step`; returns (accepted, duplicates)."""
+        absent = set(absent)
+        for key, grad in grads.items():
+            if grad.is_floating_point() or grad.is_complex():
+                if not bool(torch.isfinite(grad).all()):
+                    raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
+        with self._cond:
+            job, optimizer = self._require_job()
+            self._check_worker(worker_id)
+            if step < 0:
+                raise InvalidArgument(f"step {step} is negative")
+            options = optimizer.check_options(groups) if groups else None
+            fresh = {}
+            for key in [*grads, *absent]:
+                slot = self._slot(key)
+                if step <= slot.last_push.get(worker_id, -1):
+                    continue  # a retry of a push already taken: applied once
+                if job.mode == pb.BSP and step != slot.version:
+                    raise FailedPrecondition(
+                        f"worker {worker_id} pushed step {step} for key {key!r}, which is at step {slot.version}; "
+                        "in BSP a worker pulls each step's result before pushing the next"
+                    )
+                fresh[key] = slot
+            if job.mode == pb.BSP:
+                self._accumulate(job, optimizer, options, worker_id, step, fresh, grads)
+            else:
+                self._apply_now(job, optimizer, options, worker_id, step, fresh, grads)
+            self._advance_clock(worker_id, step, len(fresh))
+            duplicates = len(grads) + len(absent) - len(fresh)
+            self.counters["pushes"] += 1
+            self.counters["duplicate_keys"] += duplicates
+            self.counters["bytes_in"] += sum(g.numel() * g.element_size() for k, g in grads.items() if k in fresh)
+            self._last_push_time[worker_id] = time.time()
+            self._cond.notify_all()
+            return len(fresh), duplicates
+
+    def _accumulate(self, job, optimizer, options, worker_id, step, fresh, grads) -> None:  # type: ignore[no-untyped-def]
+        ready = []
+        for key, slot in fresh.items():
+            grad = grads.get(key)
+            if grad is not None:
+                if slot.grad_sum is None:
+                    slot.grad_sum = grad  # the stream's buffer is ours: no copy
+                else:
+                    slot.grad_sum.add_(grad)
+            slot.contributors += 1
+            slot.last_push[worker_id] = step
+            if slot.contributors == job.num_workers:
+                ready.append(slot)
+        with_grad = [s for s in ready if s.grad_sum is not None]
+        for slot in with_grad:
+            slot.value.grad = slot.grad_sum.div_(job.num_workers)  # type: ignore[union-attr]
+        self._step(optimizer, options, with_grad)
+        for slot in ready:
+            slot.grad_sum, slot.contributors = None, 0
+            slot.version += 1
+
+    def _apply_now(self, job, optimizer, options, worker_id, step, fresh, grads) -> None:  # type: ignore[no-untyped-def]
+        with_grad = [slot for key, slot in fresh.items() if key in grads]
+        staleness = max(
+            (s.version - self._pulled_version.get((worker_id, s.spec.key), 0) for s in with_grad), default=0
+        )
+        self.counters["staleness_sum"] += staleness
+        for slot in with_grad:
+            slot.value.grad = grads[slot.spec.key]
+        lr_scale = 1.0 / max(1, staleness) if job.scale_lr_by_staleness else 1.0
+        self._step(optimizer, options, with_grad, lr_scale)
+        for key, slot in fresh.items():
+            slot.last_push[worker_id] = step
+            if key in grads:
+                slot.version += 1
+
+    def _step(self, optimizer: ShardOptimizer, options, slots: list[Slot], lr_scale: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+        if not slots:
+            return
+        try:
+            optimizer.step(options, lr_scale)
+        finally:
+            for slot in slots:
+                slot.value.grad = None
+        self.counters["updates"] += 1
+
+    def _advance_clock(self, worker_id: int, step: int, keys: int) -> None:
+        """A worker's clock counts the steps it has pushed for every key of this server."""
+        pushed = self._keys_pushed.setdefault(worker_id, Counter())
+        pushed[step] += keys
+        clock = self._clock.get(worker_id, 0)
+        # `<= max(pushed)` bounds the loop for a server that holds no key.
+        while clock <= max(pushed, default=-1) and pushed[clock] >= len(self.slots):
+            del pushed[clock]
+            clock += 1
+        self._clock[worker_id] = clock
+
+    # -- pull ------------------------------------------------------------------------
+
+    def pull(
+        self, worker_id: int, step: int, keys: Sequence[str], wait_for_all: bool, timeout: float | None
+    ) -> list[PulledKey]:
+        """Copies of `keys` (all if empty) once `worker_id` may read them for `step`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._require_job()
+            self._check_worker(worker_id)
+            slots = [self._slot(k) for k in keys] if keys else list(self.slots.values())
+            next_log = time.monotonic() + self._wait_log_interval
+            while (blocking := self._blocking_workers(step, slots, wait_for_all)) and not self._closed:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    self.counters["pull_timeouts"] += 1
+                    raise WaitTimeout(
+                        f"worker {worker_id} cannot read step {step} yet: waiting for workers {blocking} to push"
+                    )
+                if now >= next_log:
+                    log.info("worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking)
+                    next_log = now + self._wait_log_interval
+                self._cond.wait(min(next_log, deadline or next_log) - now)
+            if self._closed:
+                raise Unavailable("server is shutting down")
+            pulled = []
+            for slot in slots:
+                pulled.append(PulledKey(slot.spec.key, slot.value.clone().view(tuple(slot.spec.shape)), slot.version))
+                self._pulled_version[(worker_id, slot.spec.key)] = slot.version
+            self.counters["pulls"] += 1
+            self.counters["bytes_out"] += sum(s.nbytes for s in slots)
+            return pulled
+
+    def _blocking_workers(self, step: int, slots: list[Slot], wait_for_all: bool) -> list[int]:
+        """The workers whose pushes a read for `step` still waits for (empty: may read)."""
+        assert self.job is not None
+        workers = range(self.job.num_workers)
+        if wait_for_all:
+            needed = step
+        elif self.job.mode == pb.BSP:
+            if all(s.version >= step for s in slots):
+                return []
+            return [w for w in workers if any(s.last_push.get(w, -1) < step - 1 for s in slots)]
+        elif self.job.mode == pb.SSP:
+            needed = step - self.job.staleness
+        else:
+            return []
+        return [w for w in workers if self._clock.get(w, 0) < needed]
+
+    # -- introspection and lifecycle ---------------------------------------------------
+
+    def stats(self) -> pb.StatsResponse:
+        with self._cond:
+            return pb.StatsResponse(
+                initialized=self.job is not None,
+                job=self.job,
+                keys=[
+                    pb.KeyStats(key=k, dtype=s.spec.dtype, shape=s.spec.shape, bytes=s.nbytes, version=s.version)
+                    for k, s in self.slots.items()
+                ],
+                workers=[
+                    pb.WorkerStats(worker_id=w, clock=c, last_push_unix=self._last_push_time.get(w, 0.0))
+                    for w, c in sorted(self._clock.items())
+                ],
+                total_bytes=sum(s.nbytes for s in self.slots.values()),
+                pushes=self.counters["pushes"],
+                pulls=self.counters["pulls"],
+                updates=self.counters["updates"],
+                bytes_in=self.counters["bytes_in"],
+                bytes_out=self.counters["bytes_out"],
+            )
+
+    def close(self) -> None:
+        """Wake every waiting pull so that shutdown never hangs on a barrier."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _require_job(self) -> tuple[pb.JobSpec, ShardOptimizer]:
+        if self.job is None or self._optimizer is None:
+            raise FailedPrecondition("this server has not been initialized yet: worker 0 must call Init first")
+        return self.job, self._optimizer
+
+    def _check_worker(self, worker_id: int) -> None:
+        assert self.job is not None
+        if not 0 <= worker_id < self.job.num_workers:
+            raise InvalidArgument(f"worker id {worker_id} is out of range for {self.job.num_workers} workers")
+
+    def _slot(self, key: str) -> Slot:
+        if self.job is None:
+            raise FailedPrecondition("this server has not been initialized yet: worker 0 must call Init first")
+        slot = self.slots.get(key)
+        if slot is None:
+            raise NotFound(f"unknown key {key!r}; this server holds {len(self.slots)} keys")
+        return slot
+
+
+def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk) -> None:
+    if chunk.dtype != spec.dtype or list(chunk.shape) != list(spec.shape):
+        raise InvalidArgument(
+            f"key {spec.key!r}: got dtype {pb.DType.Name(chunk.dtype) if chunk.dtype in pb.DType.values() else chunk.dtype} "
+            f"shape {list(chunk.shape)}, expected {pb.DType.Name(spec.dtype)} shape {list(spec.shape)}"
+        )
+
+
+def _validate_job(job: pb.JobSpec) -> None:
+    if job.mode not in (pb.BSP, pb.ASP, pb.SSP):
+        raise InvalidArgument(f"unknown consistency mode {job.mode}")
+    if job.num_workers < 1:
+        raise InvalidArgument(f"a job needs at least one worker, got {job.num_workers}")
+    if job.staleness < 0:
+        raise InvalidArgument(f"staleness must be >= 0, got {job.staleness}")
+    seen = set()
+    for spec in job.keys:
+        if not spec.key or spec.key in seen:
+            raise InvalidArgument(f"key names must be non-empty and unique, got {spec.key!r} twice or empty")
+        seen.add(spec.key)
+        codec.dtype_from_proto(spec.dtype)
+        if any(d < 0 for d in spec.shape):
+            raise InvalidArgument(f"key {spec.key!r} has a negative dimension: {list(spec.shape)}")
+        if not 0 <= spec.group < len(job.optimizer.groups):
+            raise InvalidArgument(f"key {spec.key!r} names param group {spec.group} of {len(job.optimizer.groups)}")
+
+
+def _describe_difference(old: pb.JobSpec, new: pb.JobSpec) -> str:
+    if old.keys != new.keys:
+        return "different keys, shapes or dtypes"
+    if old.optimizer != new.optimizer:
+        return f"optimizer {old.optimizer.name} vs {new.optimizer.name} or different hyperparameters"
+    return "different mode, worker count or staleness"

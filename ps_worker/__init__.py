@@ -1,0 +1,10 @@
+"""Workers: compute gradients with torch, push them to the parameter servers
+and pull fresh weights. Users need two names:
+
+    from ps_worker import PSClient, DistributedOptimizer
+"""
+
+from ps_worker.client import ClientConfig, PSClient
+from ps_worker.optimizer import DistributedOptimizer
+
+__all__ = ["ClientConfig", "DistributedOptimizer", "PSClient"]

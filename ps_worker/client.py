@@ -1,0 +1,285 @@
+"""PSClient: a worker's connection to every parameter server of a job.
+
+Three verbs, like ps-lite's Push/Pull: `init` declares the parameters and the
+optimizer (worker 0 uploads the initial values, the others wait for that),
+`push` sends one step's gradients, `pull` reads the weights the job's
+consistency mode allows into the given tensors. Calls to different servers
+run concurrently; every call has a deadline, and every wait logs what it
+waits for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import grpc
+import torch
+
+from ps_common import PROTOCOL_VERSION, codec
+from ps_common.config import setting
+from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, WaitTimeout, from_rpc_error
+from ps_common.proto import ps_pb2 as pb
+from ps_common.proto import ps_pb2_grpc
+from ps_worker.sharding import Piece, TensorInfo, plan_placement
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["bsp", "asp", "ssp"]
+_MODES = {"bsp": pb.BSP, "asp": pb.ASP, "ssp": pb.SSP}
+_RETRY_WHILE_WAITING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout: float = setting(60.0, "deadline in seconds of a call that waits for nobody (push, the transfer of a pull)")
+    wait_timeout: float = setting(600.0, "longest wait for servers to come up, for initialization or for other workers")
+    wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
+    chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
+    max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+
+
+class PSClient:
+    """Connection of worker `worker_id` (of `num_workers`) to the servers at `addresses`."""
+
+    def __init__(
+        self, addresses: Sequence[str], worker_id: int, num_workers: int, config: ClientConfig | None = None
+    ) -> None:
+        if not addresses:
+            raise ValueError("PSClient needs at least one server address")
+        if not 0 <= worker_id < num_workers:
+            raise ValueError(f"worker_id {worker_id} is out of range for {num_workers} workers")
+        self.addresses = list(addresses)
+        self.worker_id = worker_id
+        self.num_workers = num_workers
+        self.config = config or ClientConfig()
+        self._channels = [grpc.insecure_channel(a) for a in self.addresses]
+        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
+        self._pieces: list[list[Piece]] = []  # per server
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # -- the three verbs ------------------------------------------------------------
+
+    def init(
+        self,
+        named_parameters: Sequence[tuple[str, torch.Tensor]],
+        optimizer: torch.optim.Optimizer,
+        mode: Mode = "bsp",
+        staleness: int = 0,
+        scale_lr_by_staleness: bool = False,
+    ) -> int:
+        """Declare the job; worker 0 uploads the values of `named_parameters`
+        (the optimizer's parameters, on any device).
+
+        The others wait (up to `wait_timeout`, logging) until worker 0 has
+        done so and check that they declare the same job. Returns the step
+        to start from: 0 for a new job, more for a worker that rejoins.
+        """
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0, got {staleness}")
+        tensors = [TensorInfo(n, p.numel(), p.element_size()) for n, p in named_parameters]
+        placement = plan_placement(tensors, len(self.addresses), self.config.max_piece_bytes)
+        self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
+        self._optimizer = optimizer
+        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        params = dict(named_parameters)
+        for name, param in named_parameters:
+            if id(param) not in group_of:
+                raise ValueError(f"parameter {name!r} is not in the optimizer's param groups")
+        optimizer_spec = pb.OptimizerSpec(name=type(optimizer).__name__, groups=self._group_options())
+        jobs = [
+            pb.JobSpec(
+                mode=_MODES[mode],
+                num_workers=self.num_workers,
+                staleness=staleness,
+                scale_lr_by_staleness=scale_lr_by_staleness,
+                optimizer=optimizer_spec,
+                keys=[
+                    pb.KeySpec(
+                        key=p.key,
+                        dtype=codec.dtype_to_proto(params[p.name].dtype),
+                        shape=[p.numel],
+                        group=group_of[id(params[p.name])],
+                    )
+                    for p in pieces
+                ],
+            )
+            for pieces in self._pieces
+        ]
+
+        def init_server(server: int) -> int:
+            hello = self._wait_for_server(server, initialized=self.worker_id != 0)
+            if self.worker_id == 0:
+                flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
+                self._call(server, lambda stub: stub.Init(self._init_stream(jobs[server], flat, server)))
+            elif hello.job != jobs[server]:
+                raise FailedPrecondition(
+                    f"{self.addresses[server]}: worker 0 initialized a different job (parameters, optimizer, "
+                    "mode or worker count differ); all workers must run the same model and optimizer settings"
+                )
+            return hello.clock
+
+        clocks = self._on_every_server(init_server)
+        return min(clocks)
+
+    def push(self, grads: Mapping[str, torch.Tensor | None], step: int) -> None:
+        """Send this worker's gradients of `step` (None: no gradient) to every server."""
+        flat = {name: None if g is None else _flat(g, name) for name, g in grads.items()}
+        groups = self._group_options()
+
+        def stream(server: int) -> Iterator[pb.PushRequest]:
+            yield pb.PushRequest(header=pb.PushHeader(worker_id=self.worker_id, step=step, groups=groups))
+            for piece in self._pieces[server]:
+                if piece.name not in flat:
+                    raise InvalidArgument(f"push has no entry for parameter {piece.name!r}")
+                grad = flat[piece.name]
+                if grad is None:
+                    yield pb.PushRequest(chunk=codec.absent_chunk(piece.key))
+                    continue
+                for chunk in codec.tensor_to_chunks(piece.key, grad[piece.start : piece.stop], self.config.chunk_bytes):
+                    yield pb.PushRequest(chunk=chunk)
+
+        self._on_every_server(lambda s: self._call(s, lambda stub: stub.Push(stream(s), timeout=self.config.timeout)))
+
+    def pull(self, into: Mapping[str, torch.Tensor], step: int, wait_for_all_workers: bool = False) -> None:
+        """Read the weights for `step` into the CPU tensors `into`, in place.
+
+        Waits, logging, while the mode makes this worker wait for others
+        (or, with `wait_for_all_workers`, until every worker pushed `step` steps).
+        """
+        flat = {name: _flat(t, name) for name, t in into.items()}
+
+        def pull_server(server: int) -> None:
+            pieces = {p.key: p for p in self._pieces[server]}
+
+            def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+                piece = pieces.get(chunk.key)
+                if piece is None:
+                    raise InvalidArgument(f"{self.addresses[server]} sent unknown key {chunk.key!r}")
+                dest = flat[piece.name][piece.start : piece.stop]
+                if chunk.dtype != codec.dtype_to_proto(dest.dtype) or list(chunk.shape) != [piece.numel]:
+                    raise InvalidArgument(f"{self.addresses[server]} sent key {chunk.key!r} with another dtype or shape")
+                return dest
+
+            request = pb.PullRequest(
+                worker_id=self.worker_id,
+                step=step,
+                wait_for_all_workers=wait_for_all_workers,
+                wait_seconds=self.config.wait_log_interval,
+            )
+            deadline = self.config.wait_log_interval + self.config.timeout
+
+            def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
+                assembler = codec.ChunkAssembler(destination)
+                for response in stub.Pull(request, timeout=deadline):
+                    assembler.add(response.chunk)
+                assembler.finish()
+
+            self._retry_while_waiting(server, f"to read step {step}", lambda: self._call(server, attempt))
+
+        self._on_every_server(pull_server)
+
+    def stats(self) -> list[pb.StatsResponse]:
+        """Each server's keys, bytes, versions and worker clocks, in server order."""
+        return self._on_every_server(
+            lambda s: self._call(s, lambda stub: stub.Stats(pb.StatsRequest(), timeout=self.config.timeout))
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self) -> PSClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _group_options(self) -> list[pb.ParamGroup]:
+        """The optimizer's current hyperparameters, only those torch declares as defaults
+        (an LR scheduler's own bookkeeping such as `initial_lr` stays local)."""
+        if self._optimizer is None:
+            raise FailedPrecondition("call init() before push()")
+        defaults = self._optimizer.defaults
+        return [codec.options_to_proto({k: g[k] for k in defaults if k in g}) for g in self._optimizer.param_groups]
+
+    def _init_stream(self, job: pb.JobSpec, flat: Mapping[str, torch.Tensor], server: int) -> Iterator[pb.InitRequest]:
+        yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=job))
+        for piece in self._pieces[server]:
+            values = flat[piece.name][piece.start : piece.stop]
+            for chunk in codec.tensor_to_chunks(piece.key, values, self.config.chunk_bytes):
+                yield pb.InitRequest(chunk=chunk)
+
+    def _wait_for_server(self, server: int, initialized: bool) -> pb.HelloResponse:
+        """Hello until the server answers (and, if asked, until it is initialized)."""
+        request = pb.HelloRequest(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
+        )
+
+        def hello() -> pb.HelloResponse:
+            response: pb.HelloResponse = self._call(
+                server, lambda stub: stub.Hello(request, timeout=min(self.config.timeout, 5.0))
+            )
+            if initialized and not response.initialized:
+                raise WaitTimeout("worker 0 has not initialized it yet")
+            return response
+
+        what = "to be initialized by worker 0" if initialized else "to come up"
+        return self._retry_while_waiting(server, what, hello, pause=0.2)
+
+    def _retry_while_waiting(self, server: int, what: str, call: Callable[[], T], pause: float = 0.1) -> T:
+        """Repeat `call` while it fails because it is waiting, logging, up to wait_timeout."""
+        address = self.addresses[server]
+        start = time.monotonic()
+        next_log = start + self.config.wait_log_interval
+        while True:
+            try:
+                return call()
+            except PSError as exc:
+                if exc.code not in _RETRY_WHILE_WAITING:
+                    raise
+                now = time.monotonic()
+                if now - start >= self.config.wait_timeout:
+                    raise WaitTimeout(
+                        f"worker {self.worker_id} gave up waiting for {address} {what} "
+                        f"after {self.config.wait_timeout:.0f}s: {exc}"
+                    ) from None
+                if now >= next_log:
+                    log.info("worker %d still waiting for %s %s (%.0fs): %s", self.worker_id, address, what, now - start, exc)
+                    next_log = now + self.config.wait_log_interval
+                time.sleep(pause)
+
+    def _call(self, server: int, call: Callable[[ps_pb2_grpc.ParameterServerStub], T]) -> T:
+        try:
+            return call(self._stubs[server])
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.addresses[server]) from None
+
+    def _on_every_server(self, work: Callable[[int], T]) -> list[T]:
+        if len(self.addresses) == 1:
+            return [work(0)]
+        jobs = [self._pool.submit(work, s) for s in range(len(self.addresses))]
+        return [job.result() for job in jobs]
+
+
+def _flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if tensor.device.type != "cpu":
+        raise InvalidArgument(f"{name!r} is on {tensor.device}; PSClient moves CPU tensors (stage device tensors first)")
+    if not tensor.is_contiguous():
+        raise InvalidArgument(f"{name!r} is not contiguous")
+    return tensor.detach().view(-1)

@@ -1,0 +1,58 @@
+"""Settings of the worker CLIs (flags and PS_* variables): the built-in job,
+one worker process (`ps-worker`) and the local launcher (`ps-train`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ps_common.config import setting
+from ps_worker.client import ClientConfig
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The built-in training job: digits classification."""
+
+    model: Literal["mlp", "cnn"] = setting("mlp", "model to train")
+    optimizer: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop"] = setting("adam", "torch.optim optimizer")
+    lr: float | None = setting(None, "learning rate (default: tuned per optimizer for this job)")
+    momentum: float = setting(0.9, "momentum for sgd and rmsprop")
+    weight_decay: float = setting(0.0, "weight decay")
+    epochs: int = setting(20, "passes over the training set")
+    batch_size: int = setting(32, "samples per worker per step")
+    mode: Literal["bsp", "asp", "ssp"] = setting("bsp", "consistency: synchronous, asynchronous, bounded staleness")
+    staleness: int = setting(2, "ssp: steps a worker may run ahead of the slowest")
+    scale_lr_by_staleness: bool = setting(False, "asp/ssp: divide a stale push's learning rate by its staleness")
+    seed: int = setting(0, "seed of the model initialization, data split and shuffling")
+    device: str = setting("cpu", "torch device of the worker: cpu, cuda, cuda:1...")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    servers: str = setting("127.0.0.1:50051", "comma-separated server addresses, the same order on every worker")
+    worker_id: int = setting(0, "this worker's id, 0..num_workers-1 (worker 0 initializes the servers)")
+    num_workers: int = setting(1, "number of workers in the job")
+    report: Literal["text", "json"] = setting("text", "progress as log lines or JSON lines on stdout")
+    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    log_level: LogLevel = setting("INFO", "log level")
+    log_json: bool = setting(False, "log one JSON object a line")
+    job: JobConfig = field(default_factory=JobConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+    @property
+    def server_list(self) -> list[str]:
+        return [s.strip() for s in self.servers.split(",") if s.strip()]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    servers: int = setting(2, "parameter-server processes to start")
+    workers: int = setting(4, "worker processes to start")
+    summary_json: str | None = setting(None, "write the final metrics to this JSON file")
+    progress: bool = setting(True, "show a live progress bar")
+    timeout: float = setting(900.0, "give up on the whole run after this many seconds")
+    log_level: LogLevel = setting("WARNING", "log level of the servers and workers")
+    job: JobConfig = field(default_factory=JobConfig)

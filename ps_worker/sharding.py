@@ -1,0 +1,96 @@
+"""Which server holds which part of which parameter.
+
+Every worker computes the same placement from the same parameter list and
+server count, so nobody has to ask. Each tensor is cut into contiguous
+element ranges ("pieces") of at most `max_piece_bytes`, small relative to a
+server's share, and pieces go to the least-loaded server, largest first.
+A model dominated by one big tensor is thereby spread evenly too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ps_common.codec import DEFAULT_CHUNK_BYTES
+
+# Pieces are at most 1/16 of a server's share, so greedy placement keeps
+# every server within about 6% of the mean; but no smaller than this, so a
+# small model is not cut into needless crumbs.
+PIECES_PER_SERVER = 16
+MIN_PIECE_BYTES = 64 * 2**10
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    numel: int
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, stop) of the flattened parameter `name`, on `server`."""
+
+    key: str
+    name: str
+    server: int
+    start: int
+    stop: int
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+def piece_bytes_for(total_bytes: int, num_servers: int, max_piece_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    share = math.ceil(total_bytes / (num_servers * PIECES_PER_SERVER))
+    return max(1, min(max_piece_bytes, max(MIN_PIECE_BYTES, share)))
+
+
+def plan_placement(
+    tensors: Sequence[TensorInfo], num_servers: int, max_piece_bytes: int = DEFAULT_CHUNK_BYTES
+) -> list[Piece]:
+    """Deterministic placement of `tensors` on `num_servers` servers, in tensor order."""
+    if num_servers < 1:
+        raise ValueError(f"need at least one server, got {num_servers}")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("parameter names must be unique")
+    piece_bytes = piece_bytes_for(sum(t.nbytes for t in tensors), num_servers, max_piece_bytes)
+    pieces: list[tuple[TensorInfo, int, int]] = []
+    for tensor in tensors:
+        count = max(1, math.ceil(tensor.nbytes / piece_bytes))
+        bounds = [tensor.numel * i // count for i in range(count + 1)]
+        pieces += [(tensor, bounds[i], bounds[i + 1]) for i in range(count)]
+    order = sorted(range(len(pieces)), key=lambda i: (-(pieces[i][2] - pieces[i][1]) * pieces[i][0].itemsize, i))
+    load = [0] * num_servers
+    server_of = [0] * len(pieces)
+    for index in order:
+        tensor, start, stop = pieces[index]
+        server = min(range(num_servers), key=lambda s: (load[s], s))
+        server_of[index] = server
+        load[server] += (stop - start) * tensor.itemsize
+    return [
+        Piece(
+            key=tensor.name if (start, stop) == (0, tensor.numel) else f"{tensor.name}[{start}:{stop}]",
+            name=tensor.name,
+            server=server_of[i],
+            start=start,
+            stop=stop,
+        )
+        for i, (tensor, start, stop) in enumerate(pieces)
+    ]
+
+
+def bytes_per_server(pieces: Sequence[Piece], tensors: Sequence[TensorInfo], num_servers: int) -> list[int]:
+    itemsize = {t.name: t.itemsize for t in tensors}
+    load = [0] * num_servers
+    for piece in pieces:
+        load[piece.server] += piece.numel * itemsize[piece.name]
+    return load
