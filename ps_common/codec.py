@@ -22,7 +22,7 @@ from ps_common.proto import ps_pb2 as pb
 # message's other fields, so chunks never need a raised limit.
 DEFAULT_CHUNK_BYTES = 4 * 2**20 - 64 * 2**10
 
-_DTYPES: dict[int, torch.dtype] = {
+_DTYPES: dict[pb.DType, torch.dtype] = {
     pb.FLOAT32: torch.float32,
     pb.FLOAT64: torch.float64,
     pb.FLOAT16: torch.float16,
@@ -45,14 +45,14 @@ if _unmapped:
     raise ImportError(f"proto DType values without a torch dtype: {sorted(_unmapped)}")
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> pb.DType:
     try:
         return _PROTO_DTYPES[dtype]
     except KeyError:
         raise InvalidArgument(f"dtype {dtype} cannot travel; supported: {sorted(map(str, _PROTO_DTYPES))}") from None
 
 
-def dtype_from_proto(code: int) -> torch.dtype:
+def dtype_from_proto(code: pb.DType) -> torch.dtype:
     try:
         return _DTYPES[code]
     except KeyError:
@@ -64,7 +64,9 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
 
-def tensor_to_chunks(key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+def tensor_to_chunks(
+    key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.TensorChunk]:
     """Cut a CPU tensor into chunks of at most `chunk_bytes` data bytes.
 
     The tensor is read once per chunk as it is sent, so callers must not
@@ -94,7 +96,7 @@ def absent_chunk(key: str) -> pb.TensorChunk:
 @dataclass
 class _Pending:
     dest: np.ndarray  # uint8 view of the destination tensor's memory
-    dtype: int
+    dtype: pb.DType
     shape: tuple[int, ...]
     filled: int = 0  # bytes written so far
 

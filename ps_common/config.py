@@ -70,7 +70,7 @@ def build_parser(cls: type, description: str, env: Mapping[str, str] | None = No
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field, hint in _fields(cls):
         kind, choices = _scalar_type(hint)
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        default = field.default
         variable = env_name(field.name)
         if variable in env:
             try:
@@ -92,7 +92,8 @@ def _construct(cls: type[T], values: Mapping[str, Any]) -> T:
     kwargs = {}
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         hint = hints[field.name]
-        kwargs[field.name] = _construct(hint, values) if dataclasses.is_dataclass(hint) else values[field.name]
+        nested = dataclasses.is_dataclass(hint)
+        kwargs[field.name] = _construct(typing.cast(type, hint), values) if nested else values[field.name]
     return cls(**kwargs)
 
 

@@ -51,7 +51,7 @@ _BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondit
 
 def from_rpc_error(error: grpc.RpcError, where: str) -> PSError:
     """The typed error for a failed call; `where` names the server or call."""
-    code = error.code()  # type: ignore[attr-defined]
-    details = error.details()  # type: ignore[attr-defined]
+    code = error.code()
+    details = error.details()
     cls = _BY_CODE.get(code, PSError)
     return cls(f"{where}: {details} ({code.name})")

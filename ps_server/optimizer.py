@@ -8,7 +8,7 @@ a slice of a tensor the same as updating the whole tensor and slicing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from ps_common import codec
 from ps_common.errors import InvalidArgument, NotFound
 from ps_common.proto import ps_pb2 as pb
 
-ELEMENTWISE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+ELEMENTWISE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     cls.__name__: cls
     for cls in (
         torch.optim.SGD,
@@ -50,11 +50,19 @@ class ShardOptimizer:
         members: list[list[torch.Tensor]] = [[] for _ in self.group_options]
         for param, group in zip(params, groups, strict=True):
             members[group].append(param)
+        self._cls = cls
+        for options in self.group_options:
+            self._validate(options)
         param_groups = [{"params": m, **options} for m, options in zip(members, self.group_options, strict=True)]
+        self._torch = cls(param_groups)
+
+    def _validate(self, options: Mapping[str, Any]) -> None:
+        """Let torch's constructor check the values (it checks only its own arguments,
+        not those of param groups, so each group's options are passed as arguments)."""
         try:
-            self._torch = cls(param_groups)
+            self._cls([torch.zeros(1)], **options)
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise InvalidArgument(f"{spec.name} refused its hyperparameters: {exc}") from None
+            raise InvalidArgument(f"{self.name} refused its hyperparameters: {exc}") from None
 
     def check_options(self, groups: Sequence[pb.ParamGroup]) -> list[dict[str, Any]]:
         """Decode a push's hyperparameters, refusing any change of structure."""
@@ -63,15 +71,15 @@ class ShardOptimizer:
         decoded = [codec.options_from_proto(g) for g in groups]
         for index, (new, old) in enumerate(zip(decoded, self.group_options, strict=True)):
             if new.keys() != old.keys():
-                raise InvalidArgument(
-                    f"param group {index}: options {sorted(new)} differ from the job's {sorted(old)}"
-                )
+                raise InvalidArgument(f"param group {index}: options {sorted(new)} differ from the job's {sorted(old)}")
             for name, value in new.items():
                 if _kind(value) != _kind(old[name]):
                     raise InvalidArgument(
                         f"param group {index}: {name} changed type from {type(old[name]).__name__} "
                         f"to {type(value).__name__}"
                     )
+            if new != old:
+                self._validate(new)
         return decoded
 
     def step(self, options: Sequence[Mapping[str, Any]] | None, lr_scale: float = 1.0) -> None:

@@ -110,9 +110,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if remaining is not None:
             limits.append(max(0.0, remaining - 0.05))
         timeout = min(limits)
-        pulled = self.shard.pull(
-            request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout
-        )
+        pulled = self.shard.pull(request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout)
         for item in pulled:
             for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes):
                 yield pb.PullResponse(chunk=chunk, version=item.version)
@@ -146,7 +144,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     shard = Shard(wait_log_interval=config.wait_log_interval)
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
     server = grpc.server(executor)
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config), server)
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config), server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         executor.shutdown()

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,17 @@ class Slot:
     @property
     def nbytes(self) -> int:
         return self.value.numel() * self.value.element_size()
+
+
+@dataclass
+class _Push:
+    """A checked push, ready to change the shard."""
+
+    worker_id: int
+    step: int
+    options: list[dict[str, Any]] | None  # the param groups' hyperparameters, None: unchanged
+    fresh: dict[str, Slot]  # keys this worker had not pushed for this step yet
+    grads: dict[str, torch.Tensor]  # absent keys have no entry
 
 
 @dataclass
@@ -113,7 +125,10 @@ class Shard:
             self.job, self.slots, self._optimizer = job, slots, optimizer
             log.info(
                 "initialized: %s, %d workers, optimizer %s, %d keys, %.1f MiB",
-                pb.Mode.Name(job.mode), job.num_workers, job.optimizer.name, len(slots),
+                pb.Mode.Name(job.mode),
+                job.num_workers,
+                job.optimizer.name,
+                len(slots),
                 sum(s.nbytes for s in slots.values()) / 2**20,
             )
             self._cond.notify_all()
@@ -138,9 +153,8 @@ class Shard:
         """Accept one worker's gradients for `step`; returns (accepted, duplicates)."""
         absent = set(absent)
         for key, grad in grads.items():
-            if grad.is_floating_point() or grad.is_complex():
-                if not bool(torch.isfinite(grad).all()):
-                    raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
+            if (grad.is_floating_point() or grad.is_complex()) and not bool(torch.isfinite(grad).all()):
+                raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
         with self._cond:
             job, optimizer = self._require_job()
             self._check_worker(worker_id)
@@ -158,10 +172,11 @@ class Shard:
                         "in BSP a worker pulls each step's result before pushing the next"
                     )
                 fresh[key] = slot
+            checked = _Push(worker_id, step, options, fresh, grads)
             if job.mode == pb.BSP:
-                self._accumulate(job, optimizer, options, worker_id, step, fresh, grads)
+                self._accumulate(job, optimizer, checked)
             else:
-                self._apply_now(job, optimizer, options, worker_id, step, fresh, grads)
+                self._apply_now(job, optimizer, checked)
             self._advance_clock(worker_id, step, len(fresh))
             duplicates = len(grads) + len(absent) - len(fresh)
             self.counters["pushes"] += 1
@@ -171,43 +186,51 @@ class Shard:
             self._cond.notify_all()
             return len(fresh), duplicates
 
-    def _accumulate(self, job, optimizer, options, worker_id, step, fresh, grads) -> None:  # type: ignore[no-untyped-def]
+    def _accumulate(self, job: pb.JobSpec, optimizer: ShardOptimizer, push: _Push) -> None:
+        """BSP: add to the step's sum; apply the average once all workers contributed."""
         ready = []
-        for key, slot in fresh.items():
-            grad = grads.get(key)
+        for key, slot in push.fresh.items():
+            grad = push.grads.get(key)
             if grad is not None:
                 if slot.grad_sum is None:
                     slot.grad_sum = grad  # the stream's buffer is ours: no copy
                 else:
                     slot.grad_sum.add_(grad)
             slot.contributors += 1
-            slot.last_push[worker_id] = step
+            slot.last_push[push.worker_id] = push.step
             if slot.contributors == job.num_workers:
                 ready.append(slot)
         with_grad = [s for s in ready if s.grad_sum is not None]
         for slot in with_grad:
             slot.value.grad = slot.grad_sum.div_(job.num_workers)  # type: ignore[union-attr]
-        self._step(optimizer, options, with_grad)
+        self._step(optimizer, push.options, with_grad)
         for slot in ready:
             slot.grad_sum, slot.contributors = None, 0
             slot.version += 1
 
-    def _apply_now(self, job, optimizer, options, worker_id, step, fresh, grads) -> None:  # type: ignore[no-untyped-def]
-        with_grad = [slot for key, slot in fresh.items() if key in grads]
+    def _apply_now(self, job: pb.JobSpec, optimizer: ShardOptimizer, push: _Push) -> None:
+        """ASP/SSP: apply the push at once; its staleness is how many updates it missed."""
+        with_grad = [slot for key, slot in push.fresh.items() if key in push.grads]
         staleness = max(
-            (s.version - self._pulled_version.get((worker_id, s.spec.key), 0) for s in with_grad), default=0
+            (s.version - self._pulled_version.get((push.worker_id, s.spec.key), 0) for s in with_grad), default=0
         )
         self.counters["staleness_sum"] += staleness
         for slot in with_grad:
-            slot.value.grad = grads[slot.spec.key]
+            slot.value.grad = push.grads[slot.spec.key]
         lr_scale = 1.0 / max(1, staleness) if job.scale_lr_by_staleness else 1.0
-        self._step(optimizer, options, with_grad, lr_scale)
-        for key, slot in fresh.items():
-            slot.last_push[worker_id] = step
-            if key in grads:
+        self._step(optimizer, push.options, with_grad, lr_scale)
+        for key, slot in push.fresh.items():
+            slot.last_push[push.worker_id] = push.step
+            if key in push.grads:
                 slot.version += 1
 
-    def _step(self, optimizer: ShardOptimizer, options, slots: list[Slot], lr_scale: float = 1.0) -> None:  # type: ignore[no-untyped-def]
+    def _step(
+        self,
+        optimizer: ShardOptimizer,
+        options: list[dict[str, Any]] | None,
+        slots: list[Slot],
+        lr_scale: float = 1.0,
+    ) -> None:
         if not slots:
             return
         try:
@@ -248,7 +271,9 @@ class Shard:
                         f"worker {worker_id} cannot read step {step} yet: waiting for workers {blocking} to push"
                     )
                 if now >= next_log:
-                    log.info("worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking)
+                    log.info(
+                        "worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking
+                    )
                     next_log = now + self._wait_log_interval
                 self._cond.wait(min(next_log, deadline or next_log) - now)
             if self._closed:
@@ -327,8 +352,9 @@ class Shard:
 
 def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk) -> None:
     if chunk.dtype != spec.dtype or list(chunk.shape) != list(spec.shape):
+        got = pb.DType.Name(chunk.dtype) if chunk.dtype in pb.DType.values() else chunk.dtype
         raise InvalidArgument(
-            f"key {spec.key!r}: got dtype {pb.DType.Name(chunk.dtype) if chunk.dtype in pb.DType.values() else chunk.dtype} "
+            f"key {spec.key!r}: got dtype {got} "
             f"shape {list(chunk.shape)}, expected {pb.DType.Name(spec.dtype)} shape {list(spec.shape)}"
         )
 

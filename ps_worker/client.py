@@ -61,7 +61,7 @@ class PSClient:
         self.num_workers = num_workers
         self.config = config or ClientConfig()
         self._channels = [grpc.insecure_channel(a) for a in self.addresses]
-        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]
+        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
         self._optimizer: torch.optim.Optimizer | None = None
@@ -168,7 +168,9 @@ class PSClient:
                     raise InvalidArgument(f"{self.addresses[server]} sent unknown key {chunk.key!r}")
                 dest = flat[piece.name][piece.start : piece.stop]
                 if chunk.dtype != codec.dtype_to_proto(dest.dtype) or list(chunk.shape) != [piece.numel]:
-                    raise InvalidArgument(f"{self.addresses[server]} sent key {chunk.key!r} with another dtype or shape")
+                    raise InvalidArgument(
+                        f"{self.addresses[server]} sent key {chunk.key!r} with another dtype or shape"
+                    )
                 return dest
 
             request = pb.PullRequest(
@@ -260,7 +262,9 @@ class PSClient:
                         f"after {self.config.wait_timeout:.0f}s: {exc}"
                     ) from None
                 if now >= next_log:
-                    log.info("worker %d still waiting for %s %s (%.0fs): %s", self.worker_id, address, what, now - start, exc)
+                    log.info(
+                        "worker %d still waiting for %s %s (%.0fs): %s", self.worker_id, address, what, now - start, exc
+                    )
                     next_log = now + self.config.wait_log_interval
                 time.sleep(pause)
 
@@ -279,7 +283,9 @@ class PSClient:
 
 def _flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
     if tensor.device.type != "cpu":
-        raise InvalidArgument(f"{name!r} is on {tensor.device}; PSClient moves CPU tensors (stage device tensors first)")
+        raise InvalidArgument(
+            f"{name!r} is on {tensor.device}; PSClient moves CPU tensors (stage device tensors first)"
+        )
     if not tensor.is_contiguous():
         raise InvalidArgument(f"{name!r} is not contiguous")
     return tensor.detach().view(-1)

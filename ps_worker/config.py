@@ -16,7 +16,7 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 class JobConfig:
     """The built-in training job: digits classification."""
 
-    model: Literal["mlp", "cnn"] = setting("mlp", "model to train")
+    model: Literal["mlp", "cnn"] = setting("cnn", "model to train")
     optimizer: Literal["sgd", "adam", "adamw", "adagrad", "rmsprop"] = setting("adam", "torch.optim optimizer")
     lr: float | None = setting(None, "learning rate (default: tuned per optimizer for this job)")
     momentum: float = setting(0.9, "momentum for sgd and rmsprop")

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], None]
 
 # Learning rates that train this job well, per optimizer, when --lr is not given.
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "adagrad": 0.05, "rmsprop": 1e-3}
+DEFAULT_LR = {"sgd": 0.05, "adam": 3e-3, "adamw": 3e-3, "adagrad": 0.05, "rmsprop": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
 
 def build_model(name: str) -> nn.Module:
     if name == "mlp":
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
     if name == "cnn":
         return nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
@@ -82,7 +84,7 @@ def build_optimizer(model: nn.Module, job: JobConfig) -> torch.optim.Optimizer:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = (model(x).argmax(dim=1) == y).sum().item()
+    correct = int((model(x).argmax(dim=1) == y).sum().item())
     model.train()
     return correct / len(y)
 

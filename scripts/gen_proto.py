@@ -44,7 +44,8 @@ def main() -> int:
         fresh = generate(Path(tmp))
         target = ROOT / PACKAGE_DIR
         stale = [
-            f.name for f in fresh
+            f.name
+            for f in fresh
             if not (target / f.name).exists() or not filecmp.cmp(f, target / f.name, shallow=False)
         ]
         if args.check:

@@ -1,0 +1,41 @@
+# One entry point for everything: each target creates .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast check proto demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The whole suite: unit, integration (in-process cluster) and end-to-end tests.
+test: $(STAMP)
+	$(PY) -m pytest
+
+## Everything but the end-to-end tests that start processes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not e2e"
+
+## Lint, format, types, and generated stubs in sync with proto/.
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(PY) scripts/gen_proto.py --check
+
+## Regenerate ps_common/proto/ from proto/*.proto.
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+## 2 servers, 4 workers, the digits job, live progress and a summary.
+demo: $(STAMP)
+	$(VENV)/bin/ps-train --servers 2 --workers 4
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

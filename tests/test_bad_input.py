@@ -1,0 +1,185 @@
+"""Bad requests get a clear status and leave the server exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from ps_common import PROTOCOL_VERSION, codec
+from ps_common.proto import ps_pb2 as pb
+from ps_common.proto import ps_pb2_grpc
+from ps_server.harness import InProcessCluster
+from ps_server.shard import Shard
+from ps_worker import DistributedOptimizer, PSClient
+from tests.training import batches, loss_of, small_model
+
+
+def _snapshot(shard: Shard) -> dict[str, Any]:
+    """Everything a bad request must not change (rejection metrics aside)."""
+    optimizer = shard._optimizer._torch if shard._optimizer else None  # noqa: SLF001
+    return {
+        "job": copy.deepcopy(shard.job),
+        "values": {k: s.value.clone() for k, s in shard.slots.items()},
+        "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
+        "clocks": dict(shard._clock),  # noqa: SLF001
+        "counters": {k: v for k, v in shard.counters.items() if not k.startswith("rejected_")},
+    }
+
+
+def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["job"] == b["job"] and a["versions"] == b["versions"] and a["clocks"] == b["clocks"]
+    assert a["counters"] == b["counters"]
+    assert a["values"].keys() == b["values"].keys()
+    assert all(torch.equal(a["values"][k], b["values"][k]) for k in a["values"])
+    torch.testing.assert_close(a["optimizer"], b["optimizer"], rtol=0, atol=0)
+
+
+@pytest.fixture
+def trained() -> Iterator[tuple[Shard, ps_pb2_grpc.ParameterServerStub, pb.KeySpec]]:
+    """One server after two Adam steps of one of two workers (so state is non-trivial)."""
+    with InProcessCluster(num_servers=1) as cluster:
+        model = small_model()
+        client = PSClient(cluster.addresses, 0, 2)
+        opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), client,
+                                   named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
+        for x, y in batches(2, batch=4):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+        shard = cluster.servers[0].shard
+        with grpc.insecure_channel(cluster.addresses[0]) as channel:
+            yield shard, ps_pb2_grpc.ParameterServerStub(channel), shard.job.keys[0]
+        client.close()
+
+
+def _push(stub: ps_pb2_grpc.ParameterServerStub, chunks: list[pb.TensorChunk], worker: int = 1, step: int = 0) -> Any:
+    header = pb.PushRequest(header=pb.PushHeader(worker_id=worker, step=step))
+    return stub.Push(iter([header, *[pb.PushRequest(chunk=c) for c in chunks]]), timeout=10)
+
+
+def _grad(spec: pb.KeySpec, dtype: torch.dtype = torch.float32, numel: int | None = None, fill: float = 1.0):  # type: ignore[no-untyped-def]
+    return list(codec.tensor_to_chunks(spec.key, torch.full((numel or spec.shape[0],), fill, dtype=dtype)))
+
+
+BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[str, Any], grpc.StatusCode, str]] = {
+    "wrong shape": (lambda s: _grad(s, numel=s.shape[0] + 1), {}, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+    "wrong dtype": (lambda s: _grad(s, dtype=torch.float64), {}, grpc.StatusCode.INVALID_ARGUMENT, "FLOAT64"),
+    "unknown key": (
+        lambda s: list(codec.tensor_to_chunks("nope", torch.ones(3))),
+        {},
+        grpc.StatusCode.NOT_FOUND,
+        "nope",
+    ),
+    "NaN gradient": (lambda s: _grad(s, fill=float("nan")), {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    "Inf gradient": (lambda s: _grad(s, fill=float("inf")), {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+    "worker id out of range": (_grad, {"worker": 7}, grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+    "negative step": (_grad, {"step": -1}, grpc.StatusCode.INVALID_ARGUMENT, "negative"),
+    "truncated stream": (
+        lambda s: [_grad(s)[0].__class__(key=s.key, dtype=pb.FLOAT32, shape=s.shape, data=b"\0" * 4)],
+        {},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "complete",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PUSHES))
+def test_bad_push_is_refused_and_changes_nothing(trained, case: str) -> None:  # type: ignore[no-untyped-def]
+    shard, stub, spec = trained
+    make_chunks, kwargs, code, message = BAD_PUSHES[case]
+    before = _snapshot(shard)
+    with pytest.raises(grpc.RpcError) as info:
+        _push(stub, make_chunks(spec), **kwargs)
+    assert info.value.code() == code
+    assert message in info.value.details()
+    _assert_same(before, _snapshot(shard))
+
+
+def test_push_without_header_is_refused(trained) -> None:  # type: ignore[no-untyped-def]
+    shard, stub, spec = trained
+    before = _snapshot(shard)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Push(iter([pb.PushRequest(chunk=c) for c in _grad(spec)]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in info.value.details()
+    _assert_same(before, _snapshot(shard))
+
+
+def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[pb.InitRequest]:
+    yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=0, job=job))
+    for key, value in values.items():
+        for chunk in codec.tensor_to_chunks(key, value):
+            yield pb.InitRequest(chunk=chunk)
+
+
+def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> None:  # type: ignore[no-untyped-def]
+    shard, stub, _ = trained
+    before = _snapshot(shard)
+    reshaped = copy.deepcopy(shard.job)
+    reshaped.keys[0].shape[0] += 1
+    other_optimizer = copy.deepcopy(shard.job)
+    other_optimizer.optimizer.name = "SGD"
+    for job in (reshaped, other_optimizer):
+        values = {k.key: torch.zeros(k.shape[0]) for k in job.keys}
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Init(_init_request(job, values), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already initialized with a different job" in info.value.details()
+    _assert_same(before, _snapshot(shard))
+
+
+def test_identical_second_init_keeps_the_trained_values(trained) -> None:  # type: ignore[no-untyped-def]
+    shard, stub, _ = trained
+    before = _snapshot(shard)
+    values = {k.key: torch.zeros(k.shape[0]) for k in shard.job.keys}
+    assert stub.Init(_init_request(shard.job, values), timeout=10).already_initialized
+    _assert_same(before, _snapshot(shard))
+
+
+def test_requests_before_init_fail_with_failed_precondition() -> None:
+    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        spec = pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[3])
+        for call in (lambda: _push(stub, _grad(spec)), lambda: list(stub.Pull(pb.PullRequest(), timeout=5))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "not been initialized" in info.value.details()
+
+
+@pytest.mark.parametrize(
+    "job_change, message",
+    [
+        (lambda j: setattr(j.optimizer, "name", "LBFGS"), "not supported"),
+        (lambda j: j.optimizer.groups[0].options["lr"].CopyFrom(pb.Value(number=-1.0)), "refused its hyperparameters"),
+        (lambda j: setattr(j, "num_workers", 0), "at least one worker"),
+        (lambda j: setattr(j.keys[0], "group", 5), "param group"),
+    ],
+)
+def test_invalid_job_is_refused_and_leaves_the_server_uninitialized(job_change, message) -> None:  # type: ignore[no-untyped-def]
+    job = pb.JobSpec(
+        mode=pb.BSP, num_workers=1,
+        optimizer=pb.OptimizerSpec(name="Adam", groups=[codec.options_to_proto({"lr": 0.1})]),
+        keys=[pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[3])],
+    )  # fmt: skip
+    job_change(job)
+    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Init(_init_request(job, {"w": torch.zeros(3)}), timeout=10)
+        assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        assert message in info.value.details()
+        assert cluster.servers[0].shard.job is None
+
+
+def test_client_of_another_protocol_version_is_refused_at_handshake() -> None:
+    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+        stub = ps_pb2_grpc.ParameterServerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION + 1, worker_id=0, num_workers=1), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protocol version" in info.value.details()

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from ps_common import codec
+from ps_common.errors import InvalidArgument
+from ps_common.proto import ps_pb2 as pb
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.int16, torch.int32,
+          torch.int64, torch.uint8, torch.bool, torch.complex64, torch.complex128]  # fmt: skip
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.5
+    if dtype.is_complex or dtype.is_floating_point:
+        return torch.randn(shape, dtype=dtype)
+    return torch.randint(0, 100, shape, dtype=dtype)
+
+
+def _round_trip(chunks: list[pb.TensorChunk]) -> dict[str, torch.Tensor]:
+    assembler = codec.ChunkAssembler(codec.new_tensor_for)
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.finish()
+
+
+def test_every_proto_dtype_has_a_torch_dtype() -> None:
+    mapped = {codec.dtype_to_proto(d) for d in DTYPES}
+    assert mapped == set(pb.DType.values()) - {pb.DTYPE_UNSPECIFIED}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 13), (3, 4, 5)])
+def test_round_trip_is_bit_exact(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    tensor = _sample(dtype, shape)
+    out = _round_trip(list(codec.tensor_to_chunks("t", tensor, chunk_bytes=16)))["t"]
+    assert out.dtype == dtype
+    assert torch.equal(out.view(shape), tensor)
+
+
+def test_large_tensor_travels_in_chunks_no_bigger_than_asked() -> None:
+    tensor = torch.randn(10_000)
+    chunks = list(codec.tensor_to_chunks("big", tensor, chunk_bytes=4096))
+    assert len(chunks) == 10
+    assert all(len(c.data) <= 4096 for c in chunks)
+    assert torch.equal(_round_trip(chunks)["big"], tensor)
+
+
+def test_default_chunk_fits_under_grpc_default_message_limit() -> None:
+    chunk = next(codec.tensor_to_chunks("x" * 200, torch.zeros(2**21)))
+    assert chunk.ByteSize() < 4 * 2**20
+
+
+def test_assembler_writes_into_given_destination() -> None:
+    dest = torch.zeros(100)
+    assembler = codec.ChunkAssembler(lambda chunk: dest[10:60])
+    for chunk in codec.tensor_to_chunks("k", torch.ones(50), chunk_bytes=40):
+        assembler.add(chunk)
+    assembler.finish()
+    assert dest.sum().item() == 50 and dest[10:60].eq(1).all()
+
+
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda cs: cs[1:], "starts at element"),
+        (lambda cs: [cs[0], cs[2], cs[1]], "received"),
+        (lambda cs: cs[:-1], "before these keys were complete"),
+        (lambda cs: [cs[0], pb.TensorChunk(key="t", dtype=pb.FLOAT64, shape=[10], offset=4)], "changed"),
+        (
+            lambda cs: [*cs, pb.TensorChunk(key="t", dtype=pb.FLOAT32, shape=[10], offset=10, data=b"\0" * 4)],
+            "overruns",
+        ),
+        (lambda cs: [pb.TensorChunk(key="t", dtype=pb.FLOAT32, shape=[2], data=b"\0" * 5)], "overruns or splits"),
+        (lambda cs: [codec.absent_chunk("t"), *cs], "after the absent marker"),
+    ],
+)
+def test_malformed_streams_are_refused(mangle, message) -> None:  # type: ignore[no-untyped-def]
+    chunks = list(codec.tensor_to_chunks("t", torch.ones(10), chunk_bytes=16))
+    with pytest.raises(InvalidArgument, match=message):
+        _round_trip(mangle(chunks))
+
+
+def test_unknown_dtype_code_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument):
+        _round_trip([pb.TensorChunk(key="t", dtype=99, shape=[1], data=b"\0")])
+
+
+def test_hyperparameters_keep_their_types() -> None:
+    options = {"lr": 0.01, "betas": (0.9, 0.999), "amsgrad": True, "weight_decay": 0, "foreach": None, "mode": "x"}
+    decoded = codec.options_from_proto(codec.options_to_proto(options))
+    assert decoded == options
+    assert type(decoded["weight_decay"]) is int and type(decoded["amsgrad"]) is bool
+
+
+def test_tensor_learning_rate_travels_as_a_number() -> None:
+    assert codec.options_from_proto(codec.options_to_proto({"lr": torch.tensor(0.5)})) == {"lr": 0.5}
+
+
+def test_unsupported_hyperparameter_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="cannot travel"):
+        codec.options_to_proto({"callback": object()})

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ps_common.config import cli_args, parse_config, setting
+from ps_server.config import ServerConfig
+from ps_worker.config import WorkerConfig
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = setting(0.5, "a rate")
+
+
+@dataclass(frozen=True)
+class Outer:
+    port: int = setting(1, "a port")
+    verbose: bool = setting(False, "talk more")
+    name: str | None = setting(None, "a name")
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    assert parse_config(Outer, "", [], env={}).port == 1
+    assert parse_config(Outer, "", [], env={"PS_PORT": "2"}).port == 2
+    assert parse_config(Outer, "", ["--port", "3"], env={"PS_PORT": "2"}).port == 3
+
+
+def test_booleans_and_nested_groups() -> None:
+    config = parse_config(Outer, "", ["--rate", "0.25"], env={"PS_VERBOSE": "yes"})
+    assert config.verbose is True and config.inner.rate == 0.25
+    assert parse_config(Outer, "", ["--no-verbose"], env={"PS_VERBOSE": "1"}).verbose is False
+
+
+def test_cli_args_reproduce_the_config() -> None:
+    config = Outer(port=7, verbose=True, name="x", inner=Inner(rate=0.1))
+    assert parse_config(Outer, "", cli_args(config), env={}) == config
+
+
+def test_server_and_worker_configs_parse_from_their_environment() -> None:
+    server = parse_config(ServerConfig, "", [], env={"PS_PORT": "0", "PS_HOST": "0.0.0.0"})
+    assert (server.host, server.port) == ("0.0.0.0", 0)
+    worker = parse_config(WorkerConfig, "", ["--mode", "ssp"], env={"PS_SERVERS": "a:1, b:2", "PS_WORKER_ID": "1"})
+    assert worker.server_list == ["a:1", "b:2"] and worker.worker_id == 1 and worker.job.mode == "ssp"
+
+
+def test_bad_environment_value_is_a_clear_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ps_server", "--help"],
+        env={"PS_PORT": "abc", "PATH": ""},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "PS_PORT" in result.stderr
+
+
+def test_generated_stubs_match_the_proto() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_proto.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

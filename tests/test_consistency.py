@@ -1,0 +1,152 @@
+"""BSP, ASP and SSP semantics on an in-process cluster, workers as threads."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from ps_common.errors import WaitTimeout
+from ps_server.harness import InProcessCluster
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from tests.training import SPLITTING, batches, loss_of, max_difference, small_model, train_local
+
+WORKERS = 4
+
+
+def _bsp_worker(addresses: list[str], rank: int, model: torch.nn.Module, data, make_opt) -> None:  # type: ignore[no-untyped-def]
+    with PSClient(addresses, rank, WORKERS, SPLITTING) as client:
+        opt = DistributedOptimizer(make_opt(model), client, named_parameters=model.named_parameters(), mode="bsp")
+        for x, y in data:
+            quarter = slice(rank * len(x) // WORKERS, (rank + 1) * len(x) // WORKERS)
+            opt.zero_grad()
+            loss_of(model, x[quarter], y[quarter]).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+    ],
+    ids=["adam", "sgd-momentum"],
+)
+def test_bsp_four_workers_equal_single_process_on_the_whole_batch(make_opt) -> None:  # type: ignore[no-untyped-def]
+    data = batches(60, batch=32)
+    oracle = small_model()
+    train_local(oracle, make_opt(oracle), data)
+    replicas = [small_model() for _ in range(WORKERS)]
+    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(WORKERS) as pool:
+        jobs = [pool.submit(_bsp_worker, cluster.addresses, r, replicas[r], data, make_opt) for r in range(WORKERS)]
+        for job in jobs:
+            job.result(timeout=120)
+    for replica in replicas:
+        assert max_difference(oracle, replica) <= 1e-5
+
+
+def _sgd_client(addresses: list[str], rank: int, workers: int, model: torch.nn.Module, mode: str, **kw):  # type: ignore[no-untyped-def]
+    config = ClientConfig(timeout=10, wait_timeout=1.0, wait_log_interval=0.2)
+    client = PSClient(addresses, rank, workers, config)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                               named_parameters=model.named_parameters(), mode=mode, **kw)  # fmt: skip
+    return client, opt
+
+
+def _step(model: torch.nn.Module, opt: DistributedOptimizer, grad_value: float) -> None:
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, grad_value)
+    opt.step()
+
+
+def test_bsp_worker_cannot_read_the_next_step_before_everyone_pushed() -> None:
+    with InProcessCluster(num_servers=2) as cluster:
+        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "bsp")
+        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "bsp")
+        with pytest.raises(WaitTimeout, match=r"waiting for workers \[1\]"):
+            _step(a, opt_a, 1.0)
+        start = a.weight.detach().clone()
+        # Worker 1 pushes: the step completes and worker 0 reads the average.
+        _step(b, opt_b, 3.0)
+        client_a.pull(dict(a.named_parameters()), 1)
+        assert torch.allclose(a.weight.detach(), start - 0.1 * 2.0)
+        client_a.close()
+        client_b.close()
+
+
+def test_asp_applies_every_push_on_arrival_without_waiting() -> None:
+    with InProcessCluster(num_servers=1) as cluster:
+        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp")
+        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp")
+        start = a.weight.detach().clone()
+        for _ in range(3):
+            _step(a, opt_a, 1.0)  # worker 1 never pushes; worker 0 is not held back
+        assert torch.allclose(a.weight.detach(), start - 0.3)
+        _step(b, opt_b, 1.0)
+        assert torch.allclose(b.weight.detach(), start - 0.4)
+        stats = client_a.stats()[0]
+        assert [k.version for k in stats.keys] == [4, 4]
+        client_a.close()
+        client_b.close()
+
+
+def test_asp_can_scale_a_stale_push_learning_rate_down_by_its_staleness() -> None:
+    with InProcessCluster(num_servers=1) as cluster:
+        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp", scale_lr_by_staleness=True)
+        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp", scale_lr_by_staleness=True)
+        start = a.weight.detach().clone()
+        for _ in range(4):
+            _step(a, opt_a, 1.0)  # fresh pushes: staleness 0, full learning rate
+        # Worker 1 last read version 0; its push lands on version 4: lr / 4.
+        _step(b, opt_b, 1.0)
+        assert torch.allclose(b.weight.detach(), start - 0.4 - 0.1 / 4)
+        client_a.close()
+        client_b.close()
+
+
+def test_ssp_fast_worker_waits_only_beyond_its_staleness_bound() -> None:
+    staleness = 2
+    with InProcessCluster(num_servers=2) as cluster:
+        fast, slow = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        client_f, opt_f = _sgd_client(cluster.addresses, 0, 2, fast, "ssp", staleness=staleness)
+        client_s, opt_s = _sgd_client(cluster.addresses, 1, 2, slow, "ssp", staleness=staleness)
+        for _ in range(staleness):
+            _step(fast, opt_f, 1.0)  # up to `staleness` steps ahead: no waiting
+        with pytest.raises(WaitTimeout, match=r"waiting for workers \[1\]"):
+            _step(fast, opt_f, 1.0)  # one more: must wait for the slow worker
+        # Once the slow worker pushes one step, the fast one may read again.
+        released = threading.Event()
+
+        def read_when_allowed() -> None:
+            client_f.pull(dict(fast.named_parameters()), staleness + 1)
+            released.set()
+
+        reader = threading.Thread(target=read_when_allowed)
+        reader.start()
+        assert not released.wait(0.3)
+        _step(slow, opt_s, 1.0)
+        reader.join(timeout=10)
+        assert released.is_set()
+        client_f.close()
+        client_s.close()
+
+
+def test_pull_final_waits_for_every_worker_in_asp() -> None:
+    with InProcessCluster(num_servers=1) as cluster:
+        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp")
+        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp")
+        _step(a, opt_a, 1.0)
+        with pytest.raises(WaitTimeout):
+            opt_a.pull_final()
+        _step(b, opt_b, 1.0)
+        opt_a.pull_final()
+        assert torch.allclose(a.weight.detach(), b.weight.detach())
+        client_a.close()
+        client_b.close()

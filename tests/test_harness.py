@@ -1,0 +1,59 @@
+import socket
+import threading
+import time
+
+import torch
+
+from ps_common.errors import PSError
+from ps_server.harness import InProcessCluster
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from tests.training import batches, small_model, train_distributed
+
+
+def _threads_settle(limit: int, seconds: float = 5.0) -> int:
+    deadline = time.monotonic() + seconds
+    while threading.active_count() > limit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return threading.active_count()
+
+
+def test_cluster_frees_its_ports_and_threads_on_exit() -> None:
+    baseline = threading.active_count()
+    with InProcessCluster(num_servers=3) as cluster:
+        ports = [s.port for s in cluster.servers]
+        model = small_model()
+        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+        assert len(cluster.addresses) == 3
+    assert cluster.addresses == []
+    assert _threads_settle(baseline) <= baseline
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # raises if the port were still held
+
+
+def test_stop_wakes_a_pull_waiting_at_a_barrier() -> None:
+    cluster = InProcessCluster(num_servers=1).start()
+    model = torch.nn.Linear(2, 1)
+    client = PSClient(cluster.addresses, 0, 2, ClientConfig(wait_timeout=2, wait_log_interval=20))
+    opt = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters()
+    )
+    model(torch.ones(1, 2)).sum().backward()
+    failure: list[BaseException] = []
+
+    def step() -> None:
+        try:
+            opt.step()  # waits for worker 1, who never comes
+        except PSError as exc:
+            failure.append(exc)
+
+    waiter = threading.Thread(target=step)
+    waiter.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    cluster.stop()
+    assert time.monotonic() - started < 5, "stopping must not wait for the barrier"
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    client.close()
+    assert failure, "the waiting step should fail once the server is gone"

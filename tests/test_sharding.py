@@ -1,0 +1,44 @@
+import pytest
+
+from ps_worker.sharding import TensorInfo, bytes_per_server, plan_placement
+
+DOMINATED = [TensorInfo("embedding", 16_000_000, 4), TensorInfo("fc.weight", 4096, 4), TensorInfo("fc.bias", 16, 4)]
+SMALL = [TensorInfo("a", 10, 4), TensorInfo("b", 300, 4), TensorInfo("c", 1, 8)]
+
+
+@pytest.mark.parametrize("tensors", [DOMINATED, SMALL], ids=["dominated", "small"])
+@pytest.mark.parametrize("servers", range(1, 9))
+def test_pieces_tile_every_tensor_exactly_once(tensors, servers) -> None:  # type: ignore[no-untyped-def]
+    pieces = plan_placement(tensors, servers)
+    for tensor in tensors:
+        ranges = sorted((p.start, p.stop) for p in pieces if p.name == tensor.name)
+        assert ranges[0][0] == 0 and ranges[-1][1] == tensor.numel
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert len({p.key for p in pieces}) == len(pieces)
+    assert all(0 <= p.server < servers for p in pieces)
+
+
+@pytest.mark.parametrize("servers", range(1, 9))
+def test_one_big_tensor_is_balanced_within_ten_percent(servers: int) -> None:
+    load = bytes_per_server(plan_placement(DOMINATED, servers), DOMINATED, servers)
+    mean = sum(load) / servers
+    assert max(load) <= 1.1 * mean and min(load) >= 0.9 * mean
+
+
+def test_placement_is_deterministic() -> None:
+    assert plan_placement(DOMINATED, 3) == plan_placement(list(DOMINATED), 3)
+
+
+def test_small_tensors_are_not_split() -> None:
+    pieces = plan_placement(SMALL, 2)
+    assert [p.key for p in pieces] == ["a", "b", "c"]
+
+
+def test_pieces_respect_the_maximum_size() -> None:
+    pieces = plan_placement([TensorInfo("w", 1000, 4)], 1, max_piece_bytes=400)
+    assert len(pieces) == 10 and all(p.numel * 4 <= 400 for p in pieces)
+
+
+def test_duplicate_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="unique"):
+        plan_placement([TensorInfo("a", 1, 4), TensorInfo("a", 2, 4)], 1)
