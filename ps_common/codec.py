@@ -65,12 +65,13 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
 
 
 def tensor_to_chunks(
-    key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, sparse_if_smaller: bool = False
 ) -> Iterator[pb.TensorChunk]:
     """Cut a CPU tensor into chunks of at most `chunk_bytes` data bytes.
 
-    The tensor is read once per chunk as it is sent, so callers must not
-    change it until the iterator is exhausted.
+    With `sparse_if_smaller`, a chunk whose non-zeros take fewer bytes as
+    (index, value) pairs travels that way. The tensor is read as chunks are
+    sent, so callers must not change it until the iterator is exhausted.
     """
     flat = tensor.detach().contiguous().reshape(-1)
     dtype, shape = dtype_to_proto(flat.dtype), list(tensor.shape)
@@ -80,12 +81,32 @@ def tensor_to_chunks(
     offset = 0
     while True:
         stop = min(offset + per_chunk, flat.numel())
-        yield pb.TensorChunk(
-            key=key, dtype=dtype, shape=shape, offset=offset, data=raw[offset * itemsize : stop * itemsize].tobytes()
-        )
+        sparse = _sparse_chunk(flat[offset:stop], itemsize) if sparse_if_smaller else None
+        if sparse is not None:
+            indices, values = sparse
+            yield pb.TensorChunk(
+                key=key, dtype=dtype, shape=shape, offset=offset, sparse=True, indices=indices, data=values,
+                length=stop - offset,
+            )  # fmt: skip
+        else:
+            data = raw[offset * itemsize : stop * itemsize].tobytes()
+            yield pb.TensorChunk(key=key, dtype=dtype, shape=shape, offset=offset, data=data)
         offset = stop
         if offset >= flat.numel():
             return
+
+
+# An index takes 4 bytes; sparse wins below itemsize / (4 + itemsize) density.
+_INDEX_BYTES = 4
+
+
+def _sparse_chunk(part: torch.Tensor, itemsize: int) -> tuple[bytes, bytes] | None:
+    """(indices, values) bytes of `part`'s non-zeros, or None if dense is smaller."""
+    nonzeros = int(torch.count_nonzero(part))
+    if nonzeros * (_INDEX_BYTES + itemsize) >= part.numel() * itemsize:
+        return None
+    indices = torch.nonzero(part).view(-1).to(torch.int32)
+    return _byte_view(indices).tobytes(), _byte_view(part[indices.long()]).tobytes()
 
 
 def absent_chunk(key: str) -> pb.TensorChunk:
@@ -141,24 +162,43 @@ class ChunkAssembler:
             self._pending[key] = pending
         elif chunk.dtype != pending.dtype or tuple(chunk.shape) != pending.shape:
             raise InvalidArgument(f"key {key!r}: dtype or shape changed between chunks")
-        itemsize = self._tensors[key].element_size()
+        tensor = self._tensors[key]
+        itemsize = tensor.element_size()
         start = chunk.offset * itemsize
         if start != pending.filled:
             raise InvalidArgument(
                 f"key {key!r}: chunk at element {chunk.offset} but {pending.filled // itemsize} elements received"
             )
-        stop = start + len(chunk.data)
+        stop = start + (chunk.length * itemsize if chunk.sparse else len(chunk.data))
         if stop > pending.dest.size or len(chunk.data) % itemsize:
             raise InvalidArgument(f"key {key!r}: chunk of {len(chunk.data)} bytes overruns or splits an element")
-        pending.dest[start:stop] = np.frombuffer(chunk.data, dtype=np.uint8)
+        if chunk.sparse:
+            _scatter(key, chunk, tensor[chunk.offset : chunk.offset + chunk.length])
+        else:
+            pending.dest[start:stop] = np.frombuffer(chunk.data, dtype=np.uint8)
         pending.filled = stop
-        self.bytes_received += len(chunk.data)
+        self.bytes_received += len(chunk.data) + len(chunk.indices)
 
     def finish(self) -> dict[str, torch.Tensor]:
         incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.size]
         if incomplete:
             raise InvalidArgument(f"stream ended before these keys were complete: {incomplete}")
         return self._tensors
+
+
+def _scatter(key: str, chunk: pb.TensorChunk, dest: torch.Tensor) -> None:
+    """Write a sparse chunk into `dest` (its range): zeros, then the values."""
+    itemsize = dest.element_size()
+    count = len(chunk.indices) // _INDEX_BYTES
+    if len(chunk.indices) % _INDEX_BYTES or len(chunk.data) != count * itemsize:
+        raise InvalidArgument(f"key {key!r}: sparse chunk has {count} indices but {len(chunk.data)} value bytes")
+    # bytearray: torch wants a writable buffer; the copy is of the non-zeros only.
+    indices = torch.frombuffer(bytearray(chunk.indices), dtype=torch.int32).long() if count else None
+    if indices is not None and (int(indices.min()) < 0 or int(indices.max()) >= chunk.length):
+        raise InvalidArgument(f"key {key!r}: sparse index outside its chunk of {chunk.length} elements")
+    dest.zero_()
+    if indices is not None:
+        dest[indices] = torch.frombuffer(bytearray(chunk.data), dtype=dest.dtype)
 
 
 def new_tensor_for(chunk: pb.TensorChunk) -> torch.Tensor:

@@ -8,6 +8,7 @@ a slice of a tensor the same as updating the whole tensor and slicing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,9 +59,12 @@ class ShardOptimizer:
 
     def _validate(self, options: Mapping[str, Any]) -> None:
         """Let torch's constructor check the values (it checks only its own arguments,
-        not those of param groups, so each group's options are passed as arguments)."""
+        not those of param groups, so each group's options are passed as arguments;
+        options that are not arguments, such as AdamW's fixed decoupled_weight_decay,
+        are left to torch's own bookkeeping)."""
+        accepted = inspect.signature(self._cls).parameters
         try:
-            self._cls([torch.zeros(1)], **options)
+            self._cls([torch.zeros(1)], **{k: v for k, v in options.items() if k in accepted})
         except (ValueError, TypeError, RuntimeError) as exc:
             raise InvalidArgument(f"{self.name} refused its hyperparameters: {exc}") from None
 

@@ -97,7 +97,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         assembler = codec.ChunkAssembler(self.shard.push_allocator)
         _assemble(messages, assembler)
         accepted, duplicates = self.shard.push(
-            header.worker_id, header.step, header.groups, assembler.finish(), assembler.absent
+            header.worker_id, header.step, header.groups, assembler.finish(), assembler.absent, header.prune_thresholds
         )
         return pb.PushResponse(accepted=accepted, duplicates=duplicates)
 
@@ -110,10 +110,15 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if remaining is not None:
             limits.append(max(0.0, remaining - 0.05))
         timeout = min(limits)
-        pulled = self.shard.pull(request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout)
+        pulled = self.shard.pull(
+            request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout, request.masks
+        )
+        sent = 0
         for item in pulled:
-            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes):
+            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes, item.sparse):
+                sent += len(chunk.data) + len(chunk.indices)
                 yield pb.PullResponse(chunk=chunk, version=item.version)
+        self.shard.count("bytes_out", sent)
 
     @_status_errors
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:

@@ -10,10 +10,11 @@ so a refused request leaves weights, optimizer state and counters as they were.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,13 @@ class Slot:
     grad_sum: torch.Tensor | None = None  # BSP: sum of this step's gradients so far
     contributors: int = 0  # BSP: workers that pushed step `version` so far
     last_push: dict[int, int] = field(default_factory=dict)  # worker -> last step pushed
+    mask: torch.Tensor | None = None  # pruning: True where the weight is kept
+    prune_threshold: float | None = None  # BSP: to prune with once this step completes
+
+    def prune(self, threshold: float) -> None:
+        """Keep only elements whose magnitude exceeds `threshold` (zeros never come back)."""
+        self.mask = self.value.abs() > threshold
+        self.value.mul_(self.mask)
 
     @property
     def nbytes(self) -> int:
@@ -52,6 +60,7 @@ class _Push:
     options: list[dict[str, Any]] | None  # the param groups' hyperparameters, None: unchanged
     fresh: dict[str, Slot]  # keys this worker had not pushed for this step yet
     grads: dict[str, torch.Tensor]  # absent keys have no entry
+    thresholds: dict[str, float]  # pruning thresholds by parameter name
 
 
 @dataclass
@@ -59,6 +68,7 @@ class PulledKey:
     key: str
     value: torch.Tensor  # a private copy, safe to send outside the lock
     version: int
+    sparse: bool  # pruned: worth trying the sparse encoding
 
 
 class Shard:
@@ -149,9 +159,15 @@ class Shard:
         groups: Sequence[pb.ParamGroup],
         grads: dict[str, torch.Tensor],
         absent: Iterable[str] = (),
+        thresholds: Mapping[str, float] | None = None,
     ) -> tuple[int, int]:
-        """Accept one worker's gradients for `step`; returns (accepted, duplicates)."""
+        """Accept one worker's gradients for `step`; returns (accepted, duplicates).
+
+        `thresholds` (worker 0, on pruning steps) prune this step's weights,
+        by parameter name, before its update.
+        """
         absent = set(absent)
+        thresholds = dict(thresholds or {})
         for key, grad in grads.items():
             if (grad.is_floating_point() or grad.is_complex()) and not bool(torch.isfinite(grad).all()):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
@@ -161,6 +177,8 @@ class Shard:
             if step < 0:
                 raise InvalidArgument(f"step {step} is negative")
             options = optimizer.check_options(groups) if groups else None
+            if thresholds:
+                self._check_thresholds(job, worker_id, thresholds)
             fresh = {}
             for key in [*grads, *absent]:
                 slot = self._slot(key)
@@ -172,7 +190,7 @@ class Shard:
                         "in BSP a worker pulls each step's result before pushing the next"
                     )
                 fresh[key] = slot
-            checked = _Push(worker_id, step, options, fresh, grads)
+            checked = _Push(worker_id, step, options, fresh, grads, thresholds)
             if job.mode == pb.BSP:
                 self._accumulate(job, optimizer, checked)
             else:
@@ -198,8 +216,14 @@ class Shard:
                     slot.grad_sum.add_(grad)
             slot.contributors += 1
             slot.last_push[push.worker_id] = push.step
+            if slot.spec.tensor in push.thresholds:
+                slot.prune_threshold = push.thresholds[slot.spec.tensor]
             if slot.contributors == job.num_workers:
                 ready.append(slot)
+        for slot in ready:
+            if slot.prune_threshold is not None:
+                slot.prune(slot.prune_threshold)
+                slot.prune_threshold = None
         with_grad = [s for s in ready if s.grad_sum is not None]
         for slot in with_grad:
             slot.value.grad = slot.grad_sum.div_(job.num_workers)  # type: ignore[union-attr]
@@ -215,6 +239,9 @@ class Shard:
             (s.version - self._pulled_version.get((push.worker_id, s.spec.key), 0) for s in with_grad), default=0
         )
         self.counters["staleness_sum"] += staleness
+        for slot in push.fresh.values():
+            if slot.spec.tensor in push.thresholds:
+                slot.prune(push.thresholds[slot.spec.tensor])
         for slot in with_grad:
             slot.value.grad = push.grads[slot.spec.key]
         lr_scale = 1.0 / max(1, staleness) if job.scale_lr_by_staleness else 1.0
@@ -233,12 +260,29 @@ class Shard:
     ) -> None:
         if not slots:
             return
+        masked = [(s, s.mask) for s in slots if s.mask is not None]
+        for slot, mask in masked:
+            slot.value.grad.mul_(mask)  # type: ignore[union-attr]
         try:
             optimizer.step(options, lr_scale)
         finally:
             for slot in slots:
                 slot.value.grad = None
+            # Pruned weights stay zero whatever the optimizer state says.
+            for slot, mask in masked:
+                slot.value.mul_(mask)
         self.counters["updates"] += 1
+
+    def _check_thresholds(self, job: pb.JobSpec, worker_id: int, thresholds: dict[str, float]) -> None:
+        if worker_id != 0 or not job.HasField("pruning"):
+            raise InvalidArgument("only worker 0 of a job with pruning sends pruning thresholds")
+        prunable = {s.spec.tensor for s in self.slots.values() if s.spec.prunable}
+        held = {s.spec.tensor for s in self.slots.values()}
+        for name, threshold in thresholds.items():
+            if name in held and name not in prunable:
+                raise InvalidArgument(f"parameter {name!r} is not prunable")
+            if not math.isfinite(threshold) or threshold < 0:
+                raise InvalidArgument(f"pruning threshold {threshold} of {name!r} must be finite and >= 0")
 
     def _advance_clock(self, worker_id: int, step: int, keys: int) -> None:
         """A worker's clock counts the steps it has pushed for every key of this server."""
@@ -254,9 +298,16 @@ class Shard:
     # -- pull ------------------------------------------------------------------------
 
     def pull(
-        self, worker_id: int, step: int, keys: Sequence[str], wait_for_all: bool, timeout: float | None
+        self,
+        worker_id: int,
+        step: int,
+        keys: Sequence[str],
+        wait_for_all: bool,
+        timeout: float | None,
+        masks: bool = False,
     ) -> list[PulledKey]:
-        """Copies of `keys` (all if empty) once `worker_id` may read them for `step`."""
+        """Copies of `keys` (all if empty) once `worker_id` may read them for `step`;
+        with `masks`, the pruning masks of those that have one instead."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._require_job()
@@ -278,12 +329,18 @@ class Shard:
                 self._cond.wait(min(next_log, deadline or next_log) - now)
             if self._closed:
                 raise Unavailable("server is shutting down")
+            if masks:
+                return [
+                    PulledKey(s.spec.key, s.mask.clone().view(tuple(s.spec.shape)), s.version, sparse=False)
+                    for s in slots
+                    if s.mask is not None
+                ]
             pulled = []
             for slot in slots:
-                pulled.append(PulledKey(slot.spec.key, slot.value.clone().view(tuple(slot.spec.shape)), slot.version))
+                value = slot.value.clone().view(tuple(slot.spec.shape))
+                pulled.append(PulledKey(slot.spec.key, value, slot.version, sparse=slot.mask is not None))
                 self._pulled_version[(worker_id, slot.spec.key)] = slot.version
             self.counters["pulls"] += 1
-            self.counters["bytes_out"] += sum(s.nbytes for s in slots)
             return pulled
 
     def _blocking_workers(self, step: int, slots: list[Slot], wait_for_all: bool) -> list[int]:
@@ -310,7 +367,15 @@ class Shard:
                 initialized=self.job is not None,
                 job=self.job,
                 keys=[
-                    pb.KeyStats(key=k, dtype=s.spec.dtype, shape=s.spec.shape, bytes=s.nbytes, version=s.version)
+                    pb.KeyStats(
+                        key=k,
+                        dtype=s.spec.dtype,
+                        shape=s.spec.shape,
+                        bytes=s.nbytes,
+                        version=s.version,
+                        nonzeros=int(torch.count_nonzero(s.value)),
+                        masked=s.mask is not None,
+                    )  # fmt: skip
                     for k, s in self.slots.items()
                 ],
                 workers=[
@@ -324,6 +389,10 @@ class Shard:
                 bytes_in=self.counters["bytes_in"],
                 bytes_out=self.counters["bytes_out"],
             )
+
+    def count(self, counter: str, amount: int) -> None:
+        with self._cond:
+            self.counters[counter] += amount
 
     def close(self) -> None:
         """Wake every waiting pull so that shutdown never hangs on a barrier."""

@@ -26,6 +26,7 @@ from ps_common.config import setting
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, WaitTimeout, from_rpc_error
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_worker.pruning import PruningConfig
 from ps_worker.sharding import Piece, TensorInfo, plan_placement
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class PSClient:
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
         self._optimizer: torch.optim.Optimizer | None = None
+        self.prunable: set[str] = set()  # names of the parameters pruning applies to
 
     # -- the three verbs ------------------------------------------------------------
 
@@ -75,9 +77,11 @@ class PSClient:
         mode: Mode = "bsp",
         staleness: int = 0,
         scale_lr_by_staleness: bool = False,
+        pruning: PruningConfig | None = None,
     ) -> int:
         """Declare the job; worker 0 uploads the values of `named_parameters`
-        (the optimizer's parameters, on any device).
+        (the optimizer's parameters, on any device). With `pruning`, the
+        servers keep masks for the parameters it selects.
 
         The others wait (up to `wait_timeout`, logging) until worker 0 has
         done so and check that they declare the same job. Returns the step
@@ -88,6 +92,7 @@ class PSClient:
         if staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {staleness}")
         tensors = [TensorInfo(n, p.numel(), p.element_size()) for n, p in named_parameters]
+        self.prunable = {n for n, p in named_parameters if pruning is not None and pruning.prunable(n, p)}
         placement = plan_placement(tensors, len(self.addresses), self.config.max_piece_bytes)
         self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
         self._optimizer = optimizer
@@ -104,12 +109,15 @@ class PSClient:
                 staleness=staleness,
                 scale_lr_by_staleness=scale_lr_by_staleness,
                 optimizer=optimizer_spec,
+                pruning=pruning.to_proto() if pruning else None,
                 keys=[
                     pb.KeySpec(
                         key=p.key,
                         dtype=codec.dtype_to_proto(params[p.name].dtype),
                         shape=[p.numel],
                         group=group_of[id(params[p.name])],
+                        tensor=p.name,
+                        prunable=p.name in self.prunable,
                     )
                     for p in pieces
                 ],
@@ -132,13 +140,24 @@ class PSClient:
         clocks = self._on_every_server(init_server)
         return min(clocks)
 
-    def push(self, grads: Mapping[str, torch.Tensor | None], step: int) -> None:
-        """Send this worker's gradients of `step` (None: no gradient) to every server."""
+    def push(
+        self,
+        grads: Mapping[str, torch.Tensor | None],
+        step: int,
+        prune_thresholds: Mapping[str, float] | None = None,
+    ) -> None:
+        """Send this worker's gradients of `step` (None: no gradient) to every server.
+
+        `prune_thresholds` (worker 0, on pruning steps): per parameter, the
+        magnitude at or below which the servers prune this step's weights.
+        """
         flat = {name: None if g is None else _flat(g, name) for name, g in grads.items()}
-        groups = self._group_options()
+        header = pb.PushHeader(
+            worker_id=self.worker_id, step=step, groups=self._group_options(), prune_thresholds=prune_thresholds
+        )
 
         def stream(server: int) -> Iterator[pb.PushRequest]:
-            yield pb.PushRequest(header=pb.PushHeader(worker_id=self.worker_id, step=step, groups=groups))
+            yield pb.PushRequest(header=header)
             for piece in self._pieces[server]:
                 if piece.name not in flat:
                     raise InvalidArgument(f"push has no entry for parameter {piece.name!r}")
@@ -190,6 +209,33 @@ class PSClient:
             self._retry_while_waiting(server, f"to read step {step}", lambda: self._call(server, attempt))
 
         self._on_every_server(pull_server)
+
+    def pull_masks(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+        """The pruning masks (True = kept) of the prunable parameters among `shapes`."""
+        masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items() if name in self.prunable}
+        flat = {name: mask.view(-1) for name, mask in masks.items()}
+
+        def pull_server(server: int) -> None:
+            pieces = {p.key: p for p in self._pieces[server]}
+
+            def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+                piece = pieces.get(chunk.key)
+                if piece is None or piece.name not in flat or chunk.dtype != pb.BOOL:
+                    raise InvalidArgument(f"{self.addresses[server]} sent an unexpected mask for {chunk.key!r}")
+                return flat[piece.name][piece.start : piece.stop]
+
+            request = pb.PullRequest(worker_id=self.worker_id, masks=True)
+
+            def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
+                assembler = codec.ChunkAssembler(destination)
+                for response in stub.Pull(request, timeout=self.config.timeout):
+                    assembler.add(response.chunk)
+                assembler.finish()
+
+            self._call(server, attempt)
+
+        self._on_every_server(pull_server)
+        return masks
 
     def stats(self) -> list[pb.StatsResponse]:
         """Each server's keys, bytes, versions and worker clocks, in server order."""

@@ -19,7 +19,9 @@ from torch import nn
 
 from ps_worker.client import PSClient
 from ps_worker.config import JobConfig, WorkerConfig
+from ps_worker.export import export_model
 from ps_worker.optimizer import DistributedOptimizer
+from ps_worker.pruning import PruningConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,15 @@ def steps_per_epoch(num_train: int, num_workers: int, batch_size: int) -> int:
     return max(1, (num_train // num_workers) // batch_size)
 
 
+def pruning_for(job: JobConfig, total_steps: int) -> PruningConfig | None:
+    """The job's pruning schedule, its steps placed as fractions of training."""
+    if job.prune_sparsity <= 0:
+        return None
+    begin, end = int(job.prune_begin * total_steps), int(job.prune_end * total_steps)
+    frequency = job.prune_frequency or max(1, (end - begin) // 10)
+    return PruningConfig(final_sparsity=job.prune_sparsity, begin_step=begin, end_step=end, frequency=frequency)
+
+
 def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
     """Train as one worker of the job; worker 0 also returns the test accuracy."""
     job, rank, world = config.job, config.worker_id, config.num_workers
@@ -101,14 +112,15 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
     data = load_digits(job.seed)
     torch.manual_seed(job.seed)
     model = build_model(job.model).to(device)
+    per_epoch = steps_per_epoch(len(data.train_y), world, job.batch_size)
+    total = per_epoch * job.epochs
     client = PSClient(config.server_list, rank, world, config.client)
     try:
         opt = DistributedOptimizer(
             build_optimizer(model, job), client, named_parameters=model.named_parameters(),
             mode=job.mode, staleness=job.staleness, scale_lr_by_staleness=job.scale_lr_by_staleness,
+            pruning=pruning_for(job, total),
         )  # fmt: skip
-        per_epoch = steps_per_epoch(len(data.train_y), world, job.batch_size)
-        total = per_epoch * job.epochs
         loss_fn = nn.CrossEntropyLoss()
         started, last_report, samples = time.monotonic(), 0.0, 0
         for step in range(opt.steps_done, total):
@@ -136,9 +148,17 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
         result: dict[str, Any] = {"event": "done", "worker": rank, "steps": total, "samples": samples,
                                   "seconds": time.monotonic() - started}  # fmt: skip
         if rank == 0:
-            opt.pull_final()
-            result["test_accuracy"] = accuracy(model, data.test_x.to(device), data.test_y.to(device))
-            result["train_accuracy"] = accuracy(model, data.train_x.to(device), data.train_y.to(device))
+            exported = export_model(model, opt)
+            if config.export_dir:
+                exported.save(config.export_dir)
+            # Evaluate the export, loaded into a fresh model: what a user gets.
+            fresh = build_model(job.model)
+            fresh.load_state_dict(exported.state_dict)
+            result["test_accuracy"] = accuracy(fresh, data.test_x, data.test_y)
+            result["train_accuracy"] = accuracy(fresh, data.train_x, data.train_y)
+            result["sparsity"] = exported.overall_sparsity()
+            result["sparsity_per_parameter"] = exported.sparsity()
+            result["model_bytes"] = exported.nbytes()
         report(result)
         return result
     finally:

@@ -72,6 +72,7 @@ class LocalCluster:
             command = [sys.executable, "-m", "ps_worker", "--servers", ",".join(self.addresses),
                        "--worker-id", str(i), "--num-workers", str(self.config.workers), "--report", "json",
                        "--torch-threads", str(threads), "--log-level", self.config.log_level,
+                       *(["--export-dir", self.config.export_dir] if self.config.export_dir else []),
                        *cli_args(self.config.job)]  # fmt: skip
             self.workers.append(
                 subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log_file(f"worker{i}"), text=True)
@@ -143,6 +144,10 @@ def run(config: TrainConfig, console: Console) -> dict[str, Any]:
         "final_loss": round(sum(e["loss"] for e in latest.values()) / len(latest), 5),
         "train_accuracy": done[0]["train_accuracy"],
         "test_accuracy": done[0]["test_accuracy"],
+        "sparsity": done[0]["sparsity"],
+        "sparsity_per_parameter": done[0]["sparsity_per_parameter"],
+        "model_bytes": done[0]["model_bytes"],
+        "pull_bytes_per_step": round(sum(s.bytes_out for s in server_stats) / (config.workers * total_steps)),
         "server_bytes": [s.total_bytes for s in server_stats],
         "server_keys": [len(s.keys) for s in server_stats],
         "server_updates": [s.updates for s in server_stats],
@@ -208,6 +213,8 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ("final loss", f"{summary['final_loss']:.4f}"),
         ("train accuracy", f"{summary['train_accuracy']:.4f}"),
         ("test accuracy", f"[bold green]{summary['test_accuracy']:.4f}"),
+        ("sparsity", f"{summary['sparsity']:.3f} (model {summary['model_bytes']:,} bytes)"),
+        ("pull bytes per step", f"{summary['pull_bytes_per_step']:,}"),
         ("bytes per server", ", ".join(f"{b:,}" for b in summary["server_bytes"])),
         ("updates per server", ", ".join(str(u) for u in summary["server_updates"])),
     ]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ps_worker.client import Mode, PSClient
+from ps_worker.pruning import PruningConfig, magnitude_threshold
 
 
 class _HostStaging:
@@ -69,6 +70,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         mode: "bsp", "asp" or "ssp".
         staleness: SSP only, how many steps a worker may run ahead.
         scale_lr_by_staleness: ASP/SSP, divide a stale push's learning rate by its staleness.
+        pruning: gradual magnitude pruning run on the servers (see PruningConfig).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         mode: Mode = "bsp",
         staleness: int = 0,
         scale_lr_by_staleness: bool = False,
+        pruning: PruningConfig | None = None,
     ) -> None:
         in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
         if named_parameters is None:
@@ -103,7 +106,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             mode=mode,
             staleness=staleness,
             scale_lr_by_staleness=scale_lr_by_staleness,
+            pruning=pruning,
         )
+        self.pruning = pruning
         self._pull()
 
     @property
@@ -117,10 +122,25 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.client.push(self._staging.grads(), self._step)
+        self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
         self._step += 1
         self._pull()
         return loss
+
+    def _prune_thresholds(self) -> dict[str, float] | None:
+        """Worker 0 on a pruning step: thresholds from the weights of this step,
+        which it holds whole (each server holds only ranges)."""
+        if self.pruning is None or self.client.worker_id != 0:
+            return None
+        sparsity = self.pruning.sparsity_at(self._step)
+        if sparsity is None:
+            return None
+        thresholds = {name: magnitude_threshold(self._params[name], sparsity) for name in self.client.prunable}
+        return {name: t for name, t in thresholds.items() if t is not None}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The servers' pruning masks (True = kept), whole tensors by parameter name."""
+        return self.client.pull_masks({name: p.shape for name, p in self._params.items()})
 
     def pull_final(self) -> None:
         """Wait until every worker has pushed as many steps as this one, then pull:

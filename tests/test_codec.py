@@ -100,3 +100,27 @@ def test_tensor_learning_rate_travels_as_a_number() -> None:
 def test_unsupported_hyperparameter_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="cannot travel"):
         codec.options_to_proto({"callback": object()})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64], ids=str)
+def test_sparse_encoding_is_chosen_when_smaller_and_round_trips(dtype: torch.dtype) -> None:
+    tensor = torch.zeros(10_000, dtype=dtype)
+    tensor[::50] = torch.arange(1, 201).to(dtype)
+    chunks = list(codec.tensor_to_chunks("s", tensor, chunk_bytes=8192, sparse_if_smaller=True))
+    assert all(c.sparse for c in chunks)
+    sent = sum(len(c.data) + len(c.indices) for c in chunks)
+    assert sent == 200 * (4 + tensor.element_size())
+    assert torch.equal(_round_trip(chunks)["s"], tensor)
+
+
+def test_dense_tensor_stays_dense_even_when_sparse_is_allowed() -> None:
+    chunks = list(codec.tensor_to_chunks("d", torch.randn(1000), sparse_if_smaller=True))
+    assert not any(c.sparse for c in chunks)
+
+
+def test_sparse_chunk_with_index_outside_its_range_is_refused() -> None:
+    bad = pb.TensorChunk(key="s", dtype=pb.FLOAT32, shape=[10], sparse=True, length=10,
+                         indices=torch.tensor([12], dtype=torch.int32).numpy().tobytes(),
+                         data=torch.tensor([1.0]).numpy().tobytes())  # fmt: skip
+    with pytest.raises(InvalidArgument, match="outside"):
+        _round_trip([bad])

@@ -48,20 +48,26 @@ ASP: Mode
 SSP: Mode
 
 class TensorChunk(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "offset", "data", "absent")
+    __slots__ = ("key", "dtype", "shape", "offset", "data", "absent", "sparse", "indices", "length")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     ABSENT_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
     data: bytes
     absent: bool
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., absent: _Optional[bool] = ...) -> None: ...
+    sparse: bool
+    indices: bytes
+    length: int
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., absent: _Optional[bool] = ..., sparse: _Optional[bool] = ..., indices: _Optional[bytes] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("number", "integer", "flag", "text", "none", "numbers")
@@ -107,32 +113,52 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
 
 class KeySpec(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "group")
+    __slots__ = ("key", "dtype", "shape", "group", "tensor", "prunable")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PRUNABLE_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     group: int
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ...) -> None: ...
+    tensor: str
+    prunable: bool
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ..., tensor: _Optional[str] = ..., prunable: _Optional[bool] = ...) -> None: ...
+
+class PruningSpec(_message.Message):
+    __slots__ = ("initial_sparsity", "final_sparsity", "begin_step", "end_step", "frequency")
+    INITIAL_SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    FINAL_SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    BEGIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    END_STEP_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_FIELD_NUMBER: _ClassVar[int]
+    initial_sparsity: float
+    final_sparsity: float
+    begin_step: int
+    end_step: int
+    frequency: int
+    def __init__(self, initial_sparsity: _Optional[float] = ..., final_sparsity: _Optional[float] = ..., begin_step: _Optional[int] = ..., end_step: _Optional[int] = ..., frequency: _Optional[int] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("mode", "num_workers", "staleness", "scale_lr_by_staleness", "optimizer", "keys")
+    __slots__ = ("mode", "num_workers", "staleness", "scale_lr_by_staleness", "optimizer", "keys", "pruning")
     MODE_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
     SCALE_LR_BY_STALENESS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    PRUNING_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     num_workers: int
     staleness: int
     scale_lr_by_staleness: bool
     optimizer: OptimizerSpec
     keys: _containers.RepeatedCompositeFieldContainer[KeySpec]
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., scale_lr_by_staleness: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ...) -> None: ...
+    pruning: PruningSpec
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., scale_lr_by_staleness: _Optional[bool] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeySpec, _Mapping]]] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "worker_id", "num_workers")
@@ -181,14 +207,23 @@ class InitResponse(_message.Message):
     def __init__(self, already_initialized: _Optional[bool] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "groups")
+    __slots__ = ("worker_id", "step", "groups", "prune_thresholds")
+    class PruneThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     step: int
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
-    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
+    prune_thresholds: _containers.ScalarMap[str, float]
+    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., prune_thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -207,18 +242,20 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds")
+    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds", "masks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_ALL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MASKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     step: int
     keys: _containers.RepeatedScalarFieldContainer[str]
     wait_for_all_workers: bool
     wait_seconds: float
-    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    masks: bool
+    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("chunk", "version")
@@ -233,18 +270,22 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KeyStats(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "bytes", "version")
+    __slots__ = ("key", "dtype", "shape", "bytes", "version", "nonzeros", "masked")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NONZEROS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     bytes: int
     version: int
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    nonzeros: int
+    masked: bool
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., version: _Optional[int] = ..., nonzeros: _Optional[int] = ..., masked: _Optional[bool] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("worker_id", "clock", "last_push_unix")
