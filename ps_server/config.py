@@ -14,6 +14,7 @@ class ServerConfig:
     host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface")
     port: int = setting(50051, "port to bind; 0 picks a free one")
     port_file: str | None = setting(None, "write the bound port to this file once serving")
+    metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (0: a free one)")
     threads: int = setting(64, "gRPC handler threads; each waiting pull holds one")
     torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)")
     chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends")

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from ps_common import PROTOCOL_VERSION, codec
 from ps_common.errors import InvalidArgument, PSError
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_server.config import ServerConfig
+from ps_server.metrics import ServerMetrics
 from ps_server.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -127,34 +131,54 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
 
 @dataclass
 class RunningServer:
-    """A started server; `stop()` shuts it down and frees its port and threads."""
+    """A started server; `stop()` shuts it down and frees its ports and threads."""
 
     server: grpc.Server
     shard: Shard
+    health: health.HealthServicer
     port: int
     address: str
+    metrics_port: int | None
     _executor: futures.ThreadPoolExecutor
+    _metrics_http: Any = None
 
     def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, wake waiting pulls, give in-flight calls `grace` seconds."""
+        self.health.enter_graceful_shutdown()
         self.shard.close()
         self.server.stop(grace).wait()
         self._executor.shutdown(wait=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
 
-    def wait(self) -> None:
-        self.server.wait_for_termination()
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
 
 def start_server(config: ServerConfig) -> RunningServer:
-    """Bind, start serving and return at once."""
-    shard = Shard(wait_log_interval=config.wait_log_interval)
+    """Bind, start serving and return at once; health reports SERVING when ready."""
+    metrics = ServerMetrics()
+    shard = Shard(wait_log_interval=config.wait_log_interval, metrics=metrics)
+    metrics.watch(shard)
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
     server = grpc.server(executor)
     ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config), server)  # type: ignore[no-untyped-call]
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         executor.shutdown()
         raise OSError(f"could not bind {config.host}:{config.port}")
     server.start()
+    metrics_http = None
+    metrics_port = None
+    if config.metrics_port is not None:
+        metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
+        metrics_port = int(metrics_http.server_port)
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
-    log.info("parameter server listening on %s", address)
-    return RunningServer(server, shard, port, address, executor)
+    log.info("parameter server listening on %s%s", address, f", metrics on :{metrics_port}" if metrics_port else "")
+    return RunningServer(server, shard, health_servicer, port, address, metrics_port, executor, metrics_http)

@@ -23,6 +23,7 @@ import torch
 from ps_common import codec
 from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
+from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,9 @@ class PulledKey:
 class Shard:
     """The state of one parameter server and the rules that change it."""
 
-    def __init__(self, wait_log_interval: float = 10.0) -> None:
+    def __init__(self, wait_log_interval: float = 10.0, metrics: ServerMetrics | None = None) -> None:
         self._cond = threading.Condition()
+        self._metrics = metrics
         self._wait_log_interval = wait_log_interval
         self._closed = False
         self.job: pb.JobSpec | None = None
@@ -238,7 +240,8 @@ class Shard:
         staleness = max(
             (s.version - self._pulled_version.get((push.worker_id, s.spec.key), 0) for s in with_grad), default=0
         )
-        self.counters["staleness_sum"] += staleness
+        if self._metrics:
+            self._metrics.push_staleness.observe(staleness)
         for slot in push.fresh.values():
             if slot.spec.tensor in push.thresholds:
                 slot.prune(push.thresholds[slot.spec.tensor])
@@ -263,6 +266,7 @@ class Shard:
         masked = [(s, s.mask) for s in slots if s.mask is not None]
         for slot, mask in masked:
             slot.value.grad.mul_(mask)  # type: ignore[union-attr]
+        started = time.perf_counter()
         try:
             optimizer.step(options, lr_scale)
         finally:
@@ -272,6 +276,8 @@ class Shard:
             for slot, mask in masked:
                 slot.value.mul_(mask)
         self.counters["updates"] += 1
+        if self._metrics:
+            self._metrics.update_seconds.observe(time.perf_counter() - started)
 
     def _check_thresholds(self, job: pb.JobSpec, worker_id: int, thresholds: dict[str, float]) -> None:
         if worker_id != 0 or not job.HasField("pruning"):
@@ -389,6 +395,16 @@ class Shard:
                 bytes_in=self.counters["bytes_in"],
                 bytes_out=self.counters["bytes_out"],
             )
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "counters": dict(self.counters),
+                "version": min((s.version for s in self.slots.values()), default=0),
+                "bytes": sum(s.nbytes for s in self.slots.values()),
+                "keys": len(self.slots),
+                "last_push": dict(self._last_push_time),
+            }
 
     def count(self, counter: str, amount: int) -> None:
         with self._cond:

@@ -37,13 +37,13 @@ class ExportedModel:
         return zeros / total if total else 0.0
 
     def nbytes(self) -> int:
-        """Size with pruned parameters stored as (int32 index, value) pairs, the rest dense."""
+        """Size with pruned parameters stored as (int32 index, value) pairs where
+        that is smaller, everything else dense."""
         size = 0
         for name, tensor in self.state_dict.items():
-            if name in self.masks:
-                size += int(torch.count_nonzero(tensor)) * (_INDEX_BYTES + tensor.element_size())
-            else:
-                size += tensor.numel() * tensor.element_size()
+            dense = tensor.numel() * tensor.element_size()
+            sparse = int(torch.count_nonzero(tensor)) * (_INDEX_BYTES + tensor.element_size())
+            size += min(dense, sparse) if name in self.masks else dense
         return size
 
     def save(self, directory: str | Path) -> None:

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one server, on its own registry (an in-process
+cluster runs several servers in one process).
+
+Counters and gauges are read from the shard at scrape time, so the hot path
+pays nothing for them; the two histograms are observed as updates happen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ps_server.shard import Shard
+
+# A worker counts as connected while it pushed within this many seconds.
+CONNECTED_WITHIN_SECONDS = 60.0
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.update_seconds = Histogram(
+            "ps_update_duration_seconds", "Time to apply one optimizer update to the shard", registry=self.registry
+        )
+        self.push_staleness = Histogram(
+            "ps_push_staleness_updates",
+            "Updates a push missed since its worker last read (ASP/SSP)",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+
+    def watch(self, shard: Shard) -> None:
+        self.registry.register(_ShardCollector(shard))
+
+
+class _ShardCollector(Collector):
+    def __init__(self, shard: Shard) -> None:
+        self._shard = shard
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        snapshot = self._shard.metrics_snapshot()
+        counters = snapshot["counters"]
+        for name, help_text, counter in (
+            ("ps_pushes", "Push calls accepted", "pushes"),
+            ("ps_pulls", "Pull calls answered", "pulls"),
+            ("ps_updates", "Optimizer updates applied", "updates"),
+            ("ps_received_bytes", "Gradient bytes received", "bytes_in"),
+            ("ps_sent_bytes", "Weight bytes sent", "bytes_out"),
+            ("ps_duplicate_keys", "Pushed keys ignored as retries of an applied push", "duplicate_keys"),
+        ):
+            yield CounterMetricFamily(name, help_text, value=counters.get(counter, 0))
+        rejected = CounterMetricFamily("ps_rejected_requests", "Requests refused, by status", labels=["reason"])
+        for name, value in counters.items():
+            if name.startswith("rejected_"):
+                rejected.add_metric([name.removeprefix("rejected_")], value)
+        yield rejected
+        yield GaugeMetricFamily(
+            "ps_shard_version", "Lowest update count over the shard's keys", value=snapshot["version"]
+        )
+        yield GaugeMetricFamily("ps_shard_bytes", "Bytes of weights held", value=snapshot["bytes"])
+        yield GaugeMetricFamily("ps_shard_keys", "Keys held", value=snapshot["keys"])
+        now = time.time()
+        connected = sum(1 for t in snapshot["last_push"].values() if now - t < CONNECTED_WITHIN_SECONDS)
+        yield GaugeMetricFamily("ps_connected_workers", "Workers that pushed in the last minute", value=connected)
