@@ -64,6 +64,11 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
     return leaves
 
 
+def env_names(cls: type) -> set[str]:
+    """Every PS_* variable that configures `cls`."""
+    return {env_name(field.name) for field, _ in _fields(cls)}
+
+
 def build_parser(cls: type, description: str, env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser for `cls`, with defaults taken from the environment."""
     env = os.environ if env is None else env

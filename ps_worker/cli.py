@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.report == "json":
             print(json.dumps(event), flush=True)
         elif event["event"] == "done":
-            log.info("finished: %s", event)
+            log.info("finished: %s", json.dumps(event))
         else:
             log.info(
                 "worker %d epoch %d/%d step %d/%d loss %.4f accuracy %.3f",
