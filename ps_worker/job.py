@@ -20,6 +20,7 @@ from torch import nn
 from ps_worker.client import PSClient
 from ps_worker.config import JobConfig, WorkerConfig
 from ps_worker.export import export_model
+from ps_worker.metrics import WorkerMetrics
 from ps_worker.optimizer import DistributedOptimizer
 from ps_worker.pruning import PruningConfig
 
@@ -122,8 +123,12 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
             pruning=pruning_for(job, total),
         )  # fmt: skip
         loss_fn = nn.CrossEntropyLoss()
+        metrics = WorkerMetrics()
+        if config.metrics_port is not None:
+            log.info("worker %d metrics on port %d", rank, metrics.serve(config.metrics_port))
         started, last_report, samples = time.monotonic(), 0.0, 0
         for step in range(opt.steps_done, total):
+            step_started, comm_before = time.perf_counter(), opt.communication_seconds
             epoch, index = divmod(step, per_epoch)
             if index == 0 or step == opt.steps_done:
                 shuffle = torch.Generator().manual_seed(job.seed * 1000 + epoch)
@@ -136,6 +141,9 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
             loss.backward()
             opt.step()
             samples += len(batch)
+            metrics.step_seconds.observe(time.perf_counter() - step_started)
+            metrics.communication_seconds.inc(opt.communication_seconds - comm_before)
+            metrics.samples.inc(len(batch))
             now = time.monotonic()
             if now - last_report > 0.25 or step + 1 == total:
                 last_report = now
@@ -143,7 +151,7 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
                     "event": "progress", "worker": rank, "step": step + 1, "steps": total, "epoch": epoch + 1,
                     "epochs": job.epochs, "loss": loss.item(),
                     "accuracy": (output.argmax(1) == y).float().mean().item(),
-                    "samples": samples, "seconds": now - started,
+                    "samples": samples, "seconds": now - started, "communication_seconds": opt.communication_seconds,
                 })  # fmt: skip
         result: dict[str, Any] = {"event": "done", "worker": rank, "steps": total, "samples": samples,
                                   "seconds": time.monotonic() - started}  # fmt: skip

@@ -14,6 +14,7 @@ optimizer state lives on the servers beside its shard.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -109,6 +110,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             pruning=pruning,
         )
         self.pruning = pruning
+        self.communication_seconds = 0.0  # spent in push and pull, for metrics
         self._pull()
 
     @property
@@ -122,9 +124,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        started = time.perf_counter()
         self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
         self._step += 1
         self._pull()
+        self.communication_seconds += time.perf_counter() - started
         return loss
 
     def _prune_thresholds(self) -> dict[str, float] | None:
