@@ -5,7 +5,9 @@
 
 The servers are real gRPC servers on free loopback ports; workers connect to
 them exactly as they would to remote ones. Leaving the block stops them and
-frees their ports and threads.
+frees their ports and threads. With `config.checkpoint_dir`, server i keeps
+its checkpoints in `<checkpoint_dir>/server-<i>`, so a new cluster on the
+same directory resumes where the last one stopped.
 """
 
 from __future__ import annotations
@@ -31,12 +33,18 @@ class InProcessCluster:
 
     def start(self) -> InProcessCluster:
         try:
-            for _ in range(self._num_servers):
-                self.servers.append(start_server(self._config))
+            for index in range(self._num_servers):
+                self.servers.append(start_server(self._server_config(index)))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _server_config(self, index: int) -> ServerConfig:
+        """Each server checkpoints into its own subdirectory, found again on restart."""
+        if self._config.checkpoint_dir is None:
+            return self._config
+        return dataclasses.replace(self._config, checkpoint_dir=f"{self._config.checkpoint_dir}/server-{index}")
 
     def stop(self) -> None:
         for server in self.servers:

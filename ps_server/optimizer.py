@@ -100,13 +100,31 @@ class ShardOptimizer:
                 torch_group["lr"] = torch_group["lr"] * lr_scale
         self._torch.step()
 
-    def state_bytes(self) -> int:
-        return sum(
-            v.numel() * v.element_size()
-            for state in self._torch.state.values()
-            for v in state.values()
-            if isinstance(v, torch.Tensor)
-        )
+    def state_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The torch optimizer's state as named tensors plus JSON-able rest."""
+        state = self._torch.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, values in state["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}/{name}"] = value.clone()
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        return tensors, {"scalars": scalars, "group_options": self.group_options}
+
+    def load_state_parts(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Inverse of state_parts(), for a freshly built optimizer of the same job."""
+        per_param: dict[int, dict[str, Any]] = {}
+        for name, tensor in tensors.items():
+            index, _, field = name.partition("/")
+            per_param.setdefault(int(index), {})[field] = tensor
+        for index, values in meta["scalars"].items():
+            per_param.setdefault(int(index), {}).update(values)
+        state = self._torch.state_dict()
+        state["state"] = per_param
+        self._torch.load_state_dict(state)
+        self.group_options = [dict(o) for o in meta["group_options"]]
 
 
 def _kind(value: Any) -> str:
@@ -117,4 +135,6 @@ def _kind(value: Any) -> str:
         return "bool"
     if isinstance(value, (int, float)):
         return "number"
+    if isinstance(value, (tuple, list)):  # betas: a tuple on the wire, a list from a checkpoint
+        return "sequence"
     return type(value).__name__

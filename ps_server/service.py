@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -18,9 +19,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from ps_common import PROTOCOL_VERSION, codec
-from ps_common.errors import InvalidArgument, PSError
+from ps_common.errors import FailedPrecondition, InvalidArgument, PSError
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
 from ps_server.metrics import ServerMetrics
 from ps_server.shard import Shard
@@ -74,9 +76,10 @@ def _assemble(messages: Iterator[Any], assembler: codec.ChunkAssembler) -> None:
 
 
 class ParameterService(ps_pb2_grpc.ParameterServerServicer):
-    def __init__(self, shard: Shard, config: ServerConfig) -> None:
+    def __init__(self, shard: Shard, config: ServerConfig, checkpointer: Checkpointer | None) -> None:
         self.shard = shard
         self.config = config
+        self.checkpointer = checkpointer
 
     @_status_errors
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
@@ -125,6 +128,13 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self.shard.count("bytes_out", sent)
 
     @_status_errors
+    def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:
+        if self.checkpointer is None:
+            raise FailedPrecondition("this server has no checkpoint directory (--checkpoint-dir)")
+        path, version = self.checkpointer.write_now()
+        return pb.CheckpointResponse(path=str(path), version=version)
+
+    @_status_errors
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         return self.shard.stats()
 
@@ -139,15 +149,19 @@ class RunningServer:
     port: int
     address: str
     metrics_port: int | None
+    checkpointer: Checkpointer | None
     _executor: futures.ThreadPoolExecutor
     _metrics_http: Any = None
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, wake waiting pulls, give in-flight calls `grace` seconds."""
+        """Report NOT_SERVING, wake waiting pulls, give in-flight calls `grace`
+        seconds, then write a last checkpoint."""
         self.health.enter_graceful_shutdown()
         self.shard.close()
         self.server.stop(grace).wait()
         self._executor.shutdown(wait=True)
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -161,9 +175,16 @@ def start_server(config: ServerConfig) -> RunningServer:
     metrics = ServerMetrics()
     shard = Shard(wait_log_interval=config.wait_log_interval, metrics=metrics)
     metrics.watch(shard)
+    checkpointer = None
+    if config.checkpoint_dir:
+        checkpointer = Checkpointer(
+            shard, Path(config.checkpoint_dir), config.checkpoint_every_updates,
+            config.checkpoint_every_seconds, config.checkpoint_keep,
+        )  # fmt: skip
+        checkpointer.restore()
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
     server = grpc.server(executor)
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config), server)  # type: ignore[no-untyped-call]
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config, checkpointer), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -177,8 +198,13 @@ def start_server(config: ServerConfig) -> RunningServer:
     if config.metrics_port is not None:
         metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         metrics_port = int(metrics_http.server_port)
+    if checkpointer is not None:
+        checkpointer.start()
+    # Only now is the shard ready (restored, if there was a checkpoint).
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
     log.info("parameter server listening on %s%s", address, f", metrics on :{metrics_port}" if metrics_port else "")
-    return RunningServer(server, shard, health_servicer, port, address, metrics_port, executor, metrics_http)
+    return RunningServer(
+        server, shard, health_servicer, port, address, metrics_port, checkpointer, executor, metrics_http
+    )

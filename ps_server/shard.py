@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from google.protobuf import json_format
 
 from ps_common import codec
 from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
+from ps_server.storage import ShardState
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class Slot:
     last_push: dict[int, int] = field(default_factory=dict)  # worker -> last step pushed
     mask: torch.Tensor | None = None  # pruning: True where the weight is kept
     prune_threshold: float | None = None  # BSP: to prune with once this step completes
+    # Restored from a checkpoint and not pushed since: the first push may be
+    # for a later step (the steps in between were lost with the crash).
+    restored: bool = False
 
     def prune(self, threshold: float) -> None:
         """Keep only elements whose magnitude exceeds `threshold` (zeros never come back)."""
@@ -84,7 +89,6 @@ class Shard:
         self.slots: dict[str, Slot] = {}
         self._optimizer: ShardOptimizer | None = None
         self._clock: dict[int, int] = {}  # worker -> steps completely pushed
-        self._keys_pushed: dict[int, Counter[int]] = {}  # worker -> step -> keys pushed
         self._last_push_time: dict[int, float] = {}
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
@@ -181,23 +185,36 @@ class Shard:
             options = optimizer.check_options(groups) if groups else None
             if thresholds:
                 self._check_thresholds(job, worker_id, thresholds)
+            if job.mode == pb.SSP and step < max(self._clock.values(), default=0) - job.staleness - 1:
+                raise FailedPrecondition(
+                    f"worker {worker_id} pushed step {step}, older than the staleness bound {job.staleness} allows "
+                    f"(the fastest worker has pushed {max(self._clock.values())} steps); nothing was applied"
+                )
             fresh = {}
             for key in [*grads, *absent]:
                 slot = self._slot(key)
                 if step <= slot.last_push.get(worker_id, -1):
                     continue  # a retry of a push already taken: applied once
-                if job.mode == pb.BSP and step != slot.version:
+                if job.mode == pb.BSP and step < slot.version:
+                    continue  # a step already completed, or lost with a crash: too late either way
+                if job.mode == pb.BSP and step != slot.version and not (slot.restored and step > slot.version):
                     raise FailedPrecondition(
                         f"worker {worker_id} pushed step {step} for key {key!r}, which is at step {slot.version}; "
                         "in BSP a worker pulls each step's result before pushing the next"
                     )
                 fresh[key] = slot
+            for slot in fresh.values():
+                if slot.restored and job.mode == pb.BSP and step > slot.version:
+                    log.warning("key %s resumes at step %d: steps %d..%d were lost", slot.spec.key, step,
+                                slot.version, step - 1)  # fmt: skip
+                    slot.version, slot.contributors, slot.grad_sum = step, 0, None
+                slot.restored = False
             checked = _Push(worker_id, step, options, fresh, grads, thresholds)
             if job.mode == pb.BSP:
                 self._accumulate(job, optimizer, checked)
             else:
                 self._apply_now(job, optimizer, checked)
-            self._advance_clock(worker_id, step, len(fresh))
+            self._advance_clock(worker_id, step)
             duplicates = len(grads) + len(absent) - len(fresh)
             self.counters["pushes"] += 1
             self.counters["duplicate_keys"] += duplicates
@@ -290,16 +307,12 @@ class Shard:
             if not math.isfinite(threshold) or threshold < 0:
                 raise InvalidArgument(f"pruning threshold {threshold} of {name!r} must be finite and >= 0")
 
-    def _advance_clock(self, worker_id: int, step: int, keys: int) -> None:
-        """A worker's clock counts the steps it has pushed for every key of this server."""
-        pushed = self._keys_pushed.setdefault(worker_id, Counter())
-        pushed[step] += keys
-        clock = self._clock.get(worker_id, 0)
-        # `<= max(pushed)` bounds the loop for a server that holds no key.
-        while clock <= max(pushed, default=-1) and pushed[clock] >= len(self.slots):
-            del pushed[clock]
-            clock += 1
-        self._clock[worker_id] = clock
+    def _advance_clock(self, worker_id: int, step: int) -> None:
+        """A worker's clock: the steps it has pushed for every key of this server."""
+        if self.slots:
+            self._clock[worker_id] = min(s.last_push.get(worker_id, -1) for s in self.slots.values()) + 1
+        else:
+            self._clock[worker_id] = max(self._clock.get(worker_id, 0), step + 1)
 
     # -- pull ------------------------------------------------------------------------
 
@@ -395,6 +408,62 @@ class Shard:
                 bytes_in=self.counters["bytes_in"],
                 bytes_out=self.counters["bytes_out"],
             )
+
+    def snapshot(self) -> ShardState | None:
+        """Everything needed to restart this shard where it is (None before Init).
+
+        Only applied updates are recorded: BSP contributions to a step not yet
+        complete are left out, so their workers push them again after a restore.
+        """
+        with self._cond:
+            if self.job is None or self._optimizer is None:
+                return None
+            bsp = self.job.mode == pb.BSP
+            tensors: dict[str, torch.Tensor] = {}
+            slots: dict[str, Any] = {}
+            for key, slot in self.slots.items():
+                tensors[f"value/{key}"] = slot.value.clone()
+                if slot.mask is not None:
+                    tensors[f"mask/{key}"] = slot.mask.clone()
+                applied = {w: min(s, slot.version - 1) if bsp else s for w, s in slot.last_push.items()}
+                slots[key] = {"version": slot.version, "last_push": {str(w): s for w, s in applied.items()}}
+            lowest = min((s.version for s in self.slots.values()), default=0)
+            clocks = {str(w): min(c, lowest) if bsp else c for w, c in self._clock.items()}
+            optimizer_tensors, optimizer_meta = self._optimizer.state_parts()
+            tensors.update({f"optimizer/{k}": v for k, v in optimizer_tensors.items()})
+            meta = {
+                "job": json_format.MessageToDict(self.job),
+                "slots": slots,
+                "clocks": clocks,
+                "optimizer": optimizer_meta,
+                "counters": dict(self.counters),
+            }
+            return ShardState(tensors, meta)
+
+    def restore(self, state: ShardState) -> None:
+        """Become the shard a checkpoint describes (before serving any request)."""
+        job = json_format.ParseDict(state.meta["job"], pb.JobSpec())
+        slots = {}
+        for spec in job.keys:
+            saved = state.meta["slots"][spec.key]
+            slots[spec.key] = Slot(
+                spec=spec,
+                value=state.tensors[f"value/{spec.key}"],
+                version=saved["version"],
+                last_push={int(w): s for w, s in saved["last_push"].items()},
+                mask=state.tensors.get(f"mask/{spec.key}"),
+                restored=True,
+            )
+        optimizer = ShardOptimizer(job.optimizer, [s.value for s in slots.values()], [k.group for k in job.keys])
+        prefix = "optimizer/"
+        optimizer.load_state_parts(
+            {k.removeprefix(prefix): v for k, v in state.tensors.items() if k.startswith(prefix)},
+            state.meta["optimizer"],
+        )
+        with self._cond:
+            self.job, self.slots, self._optimizer = job, slots, optimizer
+            self._clock = {int(w): c for w, c in state.meta["clocks"].items()}
+            self.counters = Counter(state.meta["counters"])
 
     def metrics_snapshot(self) -> dict[str, Any]:
         with self._cond:

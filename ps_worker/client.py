@@ -23,7 +23,7 @@ import torch
 
 from ps_common import PROTOCOL_VERSION, codec
 from ps_common.config import setting
-from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, WaitTimeout, from_rpc_error
+from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable, WaitTimeout, from_rpc_error
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_worker.pruning import PruningConfig
@@ -67,6 +67,7 @@ class PSClient:
         self._pieces: list[list[Piece]] = []  # per server
         self._optimizer: torch.optim.Optimizer | None = None
         self.prunable: set[str] = set()  # names of the parameters pruning applies to
+        self._last_push: tuple[pb.PushHeader, dict[str, torch.Tensor | None]] | None = None
 
     # -- the three verbs ------------------------------------------------------------
 
@@ -117,6 +118,8 @@ class PSClient:
                         shape=[p.numel],
                         group=group_of[id(params[p.name])],
                         tensor=p.name,
+                        tensor_shape=list(params[p.name].shape),
+                        offset=p.start,
                         prunable=p.name in self.prunable,
                     )
                     for p in pieces
@@ -151,16 +154,27 @@ class PSClient:
         `prune_thresholds` (worker 0, on pruning steps): per parameter, the
         magnitude at or below which the servers prune this step's weights.
         """
+        missing = {p.name for pieces in self._pieces for p in pieces} - set(grads)
+        if missing:
+            raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
         flat = {name: None if g is None else _flat(g, name) for name, g in grads.items()}
         header = pb.PushHeader(
             worker_id=self.worker_id, step=step, groups=self._group_options(), prune_thresholds=prune_thresholds
         )
+        # Kept so that a pull that finds its server restarted can push again:
+        # (worker, step, key) ids make the repeat harmless if the push had landed.
+        self._last_push = (header, flat)
+        self._on_every_server(
+            lambda s: self._retry_while_waiting(s, f"to take the push of step {step}", lambda: self._push_to(s))
+        )
 
-        def stream(server: int) -> Iterator[pb.PushRequest]:
+    def _push_to(self, server: int) -> None:
+        """Send the last push to one server, once."""
+        header, flat = self._last_push  # type: ignore[misc]
+
+        def stream() -> Iterator[pb.PushRequest]:
             yield pb.PushRequest(header=header)
             for piece in self._pieces[server]:
-                if piece.name not in flat:
-                    raise InvalidArgument(f"push has no entry for parameter {piece.name!r}")
                 grad = flat[piece.name]
                 if grad is None:
                     yield pb.PushRequest(chunk=codec.absent_chunk(piece.key))
@@ -168,7 +182,7 @@ class PSClient:
                 for chunk in codec.tensor_to_chunks(piece.key, grad[piece.start : piece.stop], self.config.chunk_bytes):
                     yield pb.PushRequest(chunk=chunk)
 
-        self._on_every_server(lambda s: self._call(s, lambda stub: stub.Push(stream(s), timeout=self.config.timeout)))
+        self._call(server, lambda stub: stub.Push(stream(), timeout=self.config.timeout))
 
     def pull(self, into: Mapping[str, torch.Tensor], step: int, wait_for_all_workers: bool = False) -> None:
         """Read the weights for `step` into the CPU tensors `into`, in place.
@@ -206,7 +220,22 @@ class PSClient:
                     assembler.add(response.chunk)
                 assembler.finish()
 
-            self._retry_while_waiting(server, f"to read step {step}", lambda: self._call(server, attempt))
+            server_was_down = False
+
+            def attempt_after_recovery() -> None:
+                # A server that went down may have restarted from a checkpoint
+                # older than our last push: push it again before reading.
+                nonlocal server_was_down
+                if server_was_down and self._last_push is not None:
+                    self._push_to(server)
+                try:
+                    self._call(server, attempt)
+                except Unavailable:
+                    server_was_down = True
+                    raise
+                server_was_down = False
+
+            self._retry_while_waiting(server, f"to read step {step}", attempt_after_recovery)
 
         self._on_every_server(pull_server)
 

@@ -1,7 +1,9 @@
-"""`ps-ctl`: look at a running cluster.
+"""`ps-ctl`: look at and operate a running cluster::
 
 ps-ctl status --servers a:50051,b:50051   a table: health, keys, bytes, version, workers, last push
 ps-ctl health --servers a:50051           exit 0 only if every server reports SERVING
+ps-ctl checkpoint --servers a,b           every server writes a checkpoint now
+ps-ctl export --servers a,b --out DIR     the whole model as a state_dict (safetensors)
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from ps_common import codec
 from ps_common.config import parse_config, setting
+from ps_common.errors import FailedPrecondition
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_worker.export import ExportedModel
 
-COMMANDS = ("status", "health")
+COMMANDS = ("status", "health", "checkpoint", "export")
 
 
 @dataclass(frozen=True)
 class CtlConfig:
     servers: str = setting("127.0.0.1:50051", "comma-separated server addresses")
-    timeout: float = setting(5.0, "deadline of each call in seconds")
+    timeout: float = setting(30.0, "deadline of each call in seconds")
+    out: str = setting("exported-model", "export: directory to write model.safetensors and masks.safetensors")
 
 
 def health_of(channel: grpc.Channel, timeout: float) -> str:
@@ -42,7 +49,7 @@ def _status_row(address: str, timeout: float) -> list[str]:
     with grpc.insecure_channel(address) as channel:
         health = health_of(channel, timeout)
         try:
-            stats = ps_pb2_grpc.ParameterServerStub(channel).Stats(pb.StatsRequest(), timeout=timeout)  # type: ignore[no-untyped-call]
+            stats = _stub(channel).Stats(pb.StatsRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             return [address, health, "-", "-", "-", "-", "-", exc.code().name]
     if not stats.initialized:
@@ -59,6 +66,50 @@ def _status_row(address: str, timeout: float) -> list[str]:
         f"{len(stats.workers)}/{stats.job.num_workers}",
         f"{time.time() - last:.1f}s ago" if last else "never",
     ]
+
+
+def _stub(channel: grpc.Channel) -> ps_pb2_grpc.ParameterServerStub:
+    return ps_pb2_grpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
+
+
+def _pull_whole(
+    stub: ps_pb2_grpc.ParameterServerStub,
+    specs: dict[str, pb.KeySpec],
+    whole: dict[str, torch.Tensor],
+    masks: bool,
+    timeout: float,
+) -> None:
+    """Pull a server's ranges into the whole tensors they belong to."""
+
+    def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+        spec = specs[chunk.key]
+        if spec.tensor not in whole:  # only masks are created here: parameters without one stay unmasked
+            whole[spec.tensor] = torch.ones(tuple(spec.tensor_shape), dtype=torch.bool)
+        return whole[spec.tensor].view(-1)[spec.offset : spec.offset + spec.shape[0]]
+
+    assembler = codec.ChunkAssembler(destination)
+    for response in stub.Pull(pb.PullRequest(worker_id=0, step=0, masks=masks), timeout=timeout):
+        assembler.add(response.chunk)
+    assembler.finish()
+
+
+def export_from_servers(addresses: Sequence[str], timeout: float) -> ExportedModel:
+    """Reassemble every parameter (and pruning mask) from the servers' ranges."""
+    weights: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            stub = _stub(channel)
+            stats = stub.Stats(pb.StatsRequest(), timeout=timeout)
+            if not stats.initialized:
+                raise FailedPrecondition(f"{address} has not been initialized: nothing to export")
+            specs = {k.key: k for k in stats.job.keys}
+            for spec in specs.values():
+                dtype = codec.dtype_from_proto(spec.dtype)
+                weights.setdefault(spec.tensor, torch.empty(tuple(spec.tensor_shape), dtype=dtype))
+            _pull_whole(stub, specs, weights, masks=False, timeout=timeout)
+            _pull_whole(stub, specs, masks, masks=True, timeout=timeout)
+    return ExportedModel(weights, masks)
 
 
 def status_table(addresses: Sequence[str], timeout: float) -> Table:
@@ -86,7 +137,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for address, status in statuses.items():
             print(f"{address}: {status}")
         return 0 if all(s == "SERVING" for s in statuses.values()) else 1
-    Console().print(status_table(addresses, config.timeout))
+    try:
+        if command == "checkpoint":
+            for address in addresses:
+                with grpc.insecure_channel(address) as channel:
+                    response = _stub(channel).Checkpoint(pb.CheckpointRequest(), timeout=config.timeout)
+                print(f"{address}: {response.path} (version {response.version})")
+        elif command == "export":
+            exported = export_from_servers(addresses, config.timeout)
+            exported.save(config.out)
+            print(f"wrote {len(exported.state_dict)} parameters to {config.out}")
+        else:
+            Console().print(status_table(addresses, config.timeout))
+    except grpc.RpcError as exc:
+        print(f"ps-ctl {command} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except FailedPrecondition as exc:
+        print(f"ps-ctl {command} failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

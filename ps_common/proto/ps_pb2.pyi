@@ -113,20 +113,24 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
 
 class KeySpec(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "group", "tensor", "prunable")
+    __slots__ = ("key", "dtype", "shape", "group", "tensor", "prunable", "tensor_shape", "offset")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     PRUNABLE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     group: int
     tensor: str
     prunable: bool
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ..., tensor: _Optional[str] = ..., prunable: _Optional[bool] = ...) -> None: ...
+    tensor_shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ..., tensor: _Optional[str] = ..., prunable: _Optional[bool] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PruningSpec(_message.Message):
     __slots__ = ("initial_sparsity", "final_sparsity", "begin_step", "end_step", "frequency")
@@ -320,3 +324,15 @@ class StatsResponse(_message.Message):
     bytes_in: int
     bytes_out: int
     def __init__(self, initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("path", "version")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    version: int
+    def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...

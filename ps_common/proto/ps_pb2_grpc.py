@@ -59,6 +59,11 @@ class ParameterServerStub:
                 request_serializer=ps__common_dot_proto_dot_ps__pb2.StatsRequest.SerializeToString,
                 response_deserializer=ps__common_dot_proto_dot_ps__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/ps.v1.ParameterServer/Checkpoint',
+                request_serializer=ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -103,6 +108,13 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Checkpoint(self, request, context):
+        """Write a checkpoint now (the server also writes them periodically).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +142,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=ps__common_dot_proto_dot_ps__pb2.StatsRequest.FromString,
                     response_serializer=ps__common_dot_proto_dot_ps__pb2.StatsResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.FromString,
+                    response_serializer=ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +284,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Stats',
             ps__common_dot_proto_dot_ps__pb2.StatsRequest.SerializeToString,
             ps__common_dot_proto_dot_ps__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/Checkpoint',
+            ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
+            ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
