@@ -37,6 +37,10 @@ _RETRY_WHILE_WAITING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 
 T = TypeVar("T")
 
+# gRPC's reconnect backoff grows to 120 s by default: far too long to notice
+# that a crashed server is back. Retry connecting every 2 s at most.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -61,7 +65,7 @@ class PSClient:
         self.worker_id = worker_id
         self.num_workers = num_workers
         self.config = config or ClientConfig()
-        self._channels = [grpc.insecure_channel(a) for a in self.addresses]
+        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
