@@ -25,6 +25,7 @@ from ps_common.proto import ps_pb2_grpc
 from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
 from ps_server.metrics import ServerMetrics
+from ps_server.security import TokenInterceptor, credentials
 from ps_server.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -183,12 +184,15 @@ def start_server(config: ServerConfig) -> RunningServer:
         )  # fmt: skip
         checkpointer.restore()
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
-    server = grpc.server(executor)
+    interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
+    server = grpc.server(executor, interceptors=interceptors)
     ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config, checkpointer), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    server_credentials = credentials(config)
+    bind = f"{config.host}:{config.port}"
+    port = server.add_secure_port(bind, server_credentials) if server_credentials else server.add_insecure_port(bind)
     if port == 0:
         executor.shutdown()
         raise OSError(f"could not bind {config.host}:{config.port}")

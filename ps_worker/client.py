@@ -26,6 +26,7 @@ from ps_common.config import setting
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable, WaitTimeout, from_rpc_error
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_worker.channel import open_channel
 from ps_worker.pruning import PruningConfig
 from ps_worker.sharding import Piece, TensorInfo, plan_placement
 
@@ -37,10 +38,6 @@ _RETRY_WHILE_WAITING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 
 T = TypeVar("T")
 
-# gRPC's reconnect backoff grows to 120 s by default: far too long to notice
-# that a crashed server is back. Retry connecting every 2 s at most.
-CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
-
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -49,6 +46,13 @@ class ClientConfig:
     wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+    auth_token: str | None = setting(None, "shared token the servers require")
+    tls_ca: str | None = setting(None, "PEM CA that signed the servers' certificates: connect with TLS")
+    tls_cert: str | None = setting(None, "PEM client certificate, for servers that require mutual TLS")
+    tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+
+    def channel(self, address: str) -> grpc.Channel:
+        return open_channel(address, self.auth_token, self.tls_ca, self.tls_cert, self.tls_key)
 
 
 class PSClient:
@@ -65,7 +69,7 @@ class PSClient:
         self.worker_id = worker_id
         self.num_workers = num_workers
         self.config = config or ClientConfig()
-        self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in self.addresses]
+        self._channels = [self.config.channel(a) for a in self.addresses]
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -24,6 +24,7 @@ from ps_common.config import parse_config, setting
 from ps_common.errors import FailedPrecondition
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_worker.client import ClientConfig
 from ps_worker.export import ExportedModel
 
 COMMANDS = ("status", "health", "checkpoint", "export")
@@ -32,8 +33,8 @@ COMMANDS = ("status", "health", "checkpoint", "export")
 @dataclass(frozen=True)
 class CtlConfig:
     servers: str = setting("127.0.0.1:50051", "comma-separated server addresses")
-    timeout: float = setting(30.0, "deadline of each call in seconds")
     out: str = setting("exported-model", "export: directory to write model.safetensors and masks.safetensors")
+    client: ClientConfig = field(default_factory=ClientConfig)  # deadline and credentials
 
 
 def health_of(channel: grpc.Channel, timeout: float) -> str:
@@ -45,11 +46,11 @@ def health_of(channel: grpc.Channel, timeout: float) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
-def _status_row(address: str, timeout: float) -> list[str]:
-    with grpc.insecure_channel(address) as channel:
-        health = health_of(channel, timeout)
+def _status_row(address: str, client: ClientConfig) -> list[str]:
+    with client.channel(address) as channel:
+        health = health_of(channel, client.timeout)
         try:
-            stats = _stub(channel).Stats(pb.StatsRequest(), timeout=timeout)
+            stats = _stub(channel).Stats(pb.StatsRequest(), timeout=client.timeout)
         except grpc.RpcError as exc:
             return [address, health, "-", "-", "-", "-", "-", exc.code().name]
     if not stats.initialized:
@@ -93,38 +94,41 @@ def _pull_whole(
     assembler.finish()
 
 
-def export_from_servers(addresses: Sequence[str], timeout: float) -> ExportedModel:
+def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> ExportedModel:
     """Reassemble every parameter (and pruning mask) from the servers' ranges."""
     weights: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        with client.channel(address) as channel:
             stub = _stub(channel)
-            stats = stub.Stats(pb.StatsRequest(), timeout=timeout)
+            stats = stub.Stats(pb.StatsRequest(), timeout=client.timeout)
             if not stats.initialized:
                 raise FailedPrecondition(f"{address} has not been initialized: nothing to export")
             specs = {k.key: k for k in stats.job.keys}
             for spec in specs.values():
                 dtype = codec.dtype_from_proto(spec.dtype)
                 weights.setdefault(spec.tensor, torch.empty(tuple(spec.tensor_shape), dtype=dtype))
-            _pull_whole(stub, specs, weights, masks=False, timeout=timeout)
-            _pull_whole(stub, specs, masks, masks=True, timeout=timeout)
+            _pull_whole(stub, specs, weights, masks=False, timeout=client.timeout)
+            _pull_whole(stub, specs, masks, masks=True, timeout=client.timeout)
     return ExportedModel(weights, masks)
 
 
-def status_table(addresses: Sequence[str], timeout: float) -> Table:
+def status_table(addresses: Sequence[str], client: ClientConfig) -> Table:
     table = Table(title="parameter servers")
     for column in ("server", "health", "mode", "keys", "bytes", "version", "workers", "last push"):
         table.add_column(column)
     for address in addresses:
-        table.add_row(*_status_row(address, timeout))
+        table.add_row(*_status_row(address, client))
     return table
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in COMMANDS:
-        print(f"usage: ps-ctl {{{','.join(COMMANDS)}}} [--servers A,B] [--timeout S]", file=sys.stderr)
+        print(
+            f"usage: ps-ctl {{{','.join(COMMANDS)}}} [--servers A,B] [--timeout S] [--auth-token T] [--tls-ca PEM]...",
+            file=sys.stderr,
+        )
         return 2
     command = args.pop(0)
     config = parse_config(CtlConfig, f"ps-ctl {command}", args)
@@ -132,23 +136,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "health":
         statuses = {}
         for address in addresses:
-            with grpc.insecure_channel(address) as channel:
-                statuses[address] = health_of(channel, config.timeout)
+            with config.client.channel(address) as channel:
+                statuses[address] = health_of(channel, config.client.timeout)
         for address, status in statuses.items():
             print(f"{address}: {status}")
         return 0 if all(s == "SERVING" for s in statuses.values()) else 1
     try:
         if command == "checkpoint":
             for address in addresses:
-                with grpc.insecure_channel(address) as channel:
-                    response = _stub(channel).Checkpoint(pb.CheckpointRequest(), timeout=config.timeout)
+                with config.client.channel(address) as channel:
+                    response = _stub(channel).Checkpoint(pb.CheckpointRequest(), timeout=config.client.timeout)
                 print(f"{address}: {response.path} (version {response.version})")
         elif command == "export":
-            exported = export_from_servers(addresses, config.timeout)
+            exported = export_from_servers(addresses, config.client)
             exported.save(config.out)
             print(f"wrote {len(exported.state_dict)} parameters to {config.out}")
         else:
-            Console().print(status_table(addresses, config.timeout))
+            Console().print(status_table(addresses, config.client))
     except grpc.RpcError as exc:
         print(f"ps-ctl {command} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -1,0 +1,95 @@
+"""TLS, mutual TLS and the shared token, with certificates made by the test."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ps_common.errors import PSError
+from ps_server.config import ServerConfig
+from ps_server.harness import InProcessCluster
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from ps_worker.ctl import main as ctl_main
+from tests.training import batches, loss_of, small_model
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make certificates"
+)
+FAST_FAIL = {"timeout": 5, "wait_timeout": 2, "wait_log_interval": 1}
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=test-ca", cwd=d)  # fmt: skip
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
+        (d / f"{name}.ext").write_text(extension + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
+    return d
+
+
+def _train(addresses: list[str], config: ClientConfig) -> None:
+    model = small_model()
+    with PSClient(addresses, 0, 1, config) as client:
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                   named_parameters=model.named_parameters())  # fmt: skip
+        for x, y in batches(3, 4):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+        assert client.stats()[0].updates == 3
+
+
+def test_wrong_token_is_unauthenticated_and_the_right_one_trains() -> None:
+    server = dataclasses.replace(ServerConfig(), auth_token="s3cret")
+    with InProcessCluster(num_servers=2, config=server) as cluster:
+        with pytest.raises(PSError, match="UNAUTHENTICATED"):
+            _train(cluster.addresses, ClientConfig(auth_token="wrong", **FAST_FAIL))  # type: ignore[arg-type]
+        with pytest.raises(PSError, match="UNAUTHENTICATED"):
+            _train(cluster.addresses, ClientConfig(**FAST_FAIL))  # type: ignore[arg-type]
+        _train(cluster.addresses, ClientConfig(auth_token="s3cret"))
+        # Probes carry no token: health stays open.
+        assert ctl_main(["health", "--servers", ",".join(cluster.addresses)]) == 0
+
+
+def test_tls_client_trains_and_a_plaintext_client_is_refused(pki: Path) -> None:
+    server = dataclasses.replace(ServerConfig(), tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    with InProcessCluster(num_servers=1, config=server) as cluster:
+        _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem")))
+        with pytest.raises(PSError):
+            _train(cluster.addresses, ClientConfig(**FAST_FAIL))  # type: ignore[arg-type]
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(pki: Path) -> None:
+    server = dataclasses.replace(ServerConfig(), tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                                 tls_client_ca=str(pki / "ca.pem"))  # fmt: skip
+    with InProcessCluster(num_servers=1, config=server) as cluster:
+        with pytest.raises(PSError, match="UNAVAILABLE|DEADLINE"):
+            _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem"), **FAST_FAIL))  # type: ignore[arg-type]
+        _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"),
+                                               tls_key=str(pki / "client.key")))  # fmt: skip
+
+
+def test_insecure_server_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    from ps_server.security import credentials
+
+    with caplog.at_level("WARNING"):
+        assert credentials(dataclasses.replace(ServerConfig(), host="0.0.0.0")) is None
+    assert "WITHOUT TLS" in caplog.text
+    caplog.clear()
+    credentials(ServerConfig())
+    assert "WITHOUT TLS" not in caplog.text
