@@ -27,6 +27,7 @@ class ServerConfig:
     torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)")
     chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends")
     max_wait: float = setting(600.0, "longest a pull waits for other workers, whatever its deadline")
+    worker_timeout: float = setting(60.0, "seconds of silence after which a worker no longer holds back BSP/SSP")
     wait_log_interval: float = setting(10.0, "seconds between log lines while a pull waits")
     grace: float = setting(5.0, "seconds in-flight calls get to finish on shutdown")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = setting("INFO", "log level")

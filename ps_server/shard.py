@@ -80,8 +80,14 @@ class PulledKey:
 class Shard:
     """The state of one parameter server and the rules that change it."""
 
-    def __init__(self, wait_log_interval: float = 10.0, metrics: ServerMetrics | None = None) -> None:
+    def __init__(
+        self, wait_log_interval: float = 10.0, metrics: ServerMetrics | None = None, worker_timeout: float = 60.0
+    ) -> None:
         self._cond = threading.Condition()
+        self._worker_timeout = worker_timeout
+        self._last_seen: dict[int, float] = {}
+        self._departed: set[int] = set()
+        self._started = time.monotonic()
         self._metrics = metrics
         self._wait_log_interval = wait_log_interval
         self._closed = False
@@ -105,9 +111,14 @@ class Shard:
                         f"worker {worker_id} believes the job has {num_workers} workers, "
                         f"it was initialized with {self.job.num_workers}"
                     )
+                self._seen(worker_id)
             elif not 0 <= worker_id < num_workers:
                 raise InvalidArgument(f"worker id {worker_id} is out of range for {num_workers} workers")
-            return self.job, self._clock.get(worker_id, 0)
+            clock = self._clock.get(worker_id, 0)
+            if self.job is not None and self.job.mode == pb.BSP:
+                # A worker that was left behind resumes at the step the others reached.
+                clock = max(clock, min((s.version for s in self.slots.values()), default=0))
+            return self.job, clock
 
     def init_allocator(self, job: pb.JobSpec) -> codec.Allocator:
         """Allocator for an Init stream: a chunk must match its KeySpec."""
@@ -139,6 +150,7 @@ class Shard:
             slots = {k.key: Slot(spec=k, value=values[k.key]) for k in job.keys}
             optimizer = ShardOptimizer(job.optimizer, [s.value for s in slots.values()], [k.group for k in job.keys])
             self.job, self.slots, self._optimizer = job, slots, optimizer
+            self._started = time.monotonic()
             log.info(
                 "initialized: %s, %d workers, optimizer %s, %d keys, %.1f MiB",
                 pb.Mode.Name(job.mode),
@@ -209,6 +221,7 @@ class Shard:
                                 slot.version, step - 1)  # fmt: skip
                     slot.version, slot.contributors, slot.grad_sum = step, 0, None
                 slot.restored = False
+            self._seen(worker_id)
             checked = _Push(worker_id, step, options, fresh, grads, thresholds)
             if job.mode == pb.BSP:
                 self._accumulate(job, optimizer, checked)
@@ -237,19 +250,57 @@ class Shard:
             slot.last_push[push.worker_id] = push.step
             if slot.spec.tensor in push.thresholds:
                 slot.prune_threshold = push.thresholds[slot.spec.tensor]
-            if slot.contributors == job.num_workers:
+            if slot.contributors >= self._expected_contributors(job):
                 ready.append(slot)
+        self._apply_steps(optimizer, push.options, ready)
+
+    def _expected_contributors(self, job: pb.JobSpec) -> int:
+        return job.num_workers - len(self._departed)
+
+    def _apply_steps(self, optimizer: ShardOptimizer, options: list[dict[str, Any]] | None, ready: list[Slot]) -> None:
+        """BSP: apply the average of each ready slot's contributions, over those who contributed."""
         for slot in ready:
             if slot.prune_threshold is not None:
                 slot.prune(slot.prune_threshold)
                 slot.prune_threshold = None
         with_grad = [s for s in ready if s.grad_sum is not None]
         for slot in with_grad:
-            slot.value.grad = slot.grad_sum.div_(job.num_workers)  # type: ignore[union-attr]
-        self._step(optimizer, push.options, with_grad)
+            slot.value.grad = slot.grad_sum.div_(slot.contributors)  # type: ignore[union-attr]
+        self._step(optimizer, options, with_grad)
         for slot in ready:
             slot.grad_sum, slot.contributors = None, 0
             slot.version += 1
+
+    def _seen(self, worker_id: int) -> None:
+        """Note that a worker is alive; a departed one rejoins."""
+        self._last_seen[worker_id] = time.monotonic()
+        if worker_id in self._departed:
+            self._departed.discard(worker_id)
+            self.counters["workers_rejoined"] += 1
+            log.warning("worker %d rejoined", worker_id)
+
+    def _expire_workers(self) -> None:
+        """Workers silent for longer than worker_timeout stop holding the others back:
+        BSP steps complete without them, SSP stops waiting for them."""
+        job, optimizer = self._require_job()
+        now = time.monotonic()
+        expired = [
+            w for w in range(job.num_workers)
+            if w not in self._departed and now - self._last_seen.get(w, self._started) > self._worker_timeout
+        ]  # fmt: skip
+        if not expired:
+            return
+        self._departed.update(expired)
+        self.counters["workers_departed"] += len(expired)
+        log.warning(
+            "workers %s sent nothing for %.0fs: continuing without them (%d of %d workers left)",
+            expired, self._worker_timeout, self._expected_contributors(job), job.num_workers,
+        )  # fmt: skip
+        if job.mode == pb.BSP:
+            expected = self._expected_contributors(job)
+            ready = [s for s in self.slots.values() if s.contributors > 0 and s.contributors >= expected]
+            self._apply_steps(optimizer, None, ready)
+        self._cond.notify_all()
 
     def _apply_now(self, job: pb.JobSpec, optimizer: ShardOptimizer, push: _Push) -> None:
         """ASP/SSP: apply the push at once; its staleness is how many updates it missed."""
@@ -332,8 +383,13 @@ class Shard:
             self._require_job()
             self._check_worker(worker_id)
             slots = [self._slot(k) for k in keys] if keys else list(self.slots.values())
+            self._seen(worker_id)
             next_log = time.monotonic() + self._wait_log_interval
-            while (blocking := self._blocking_workers(step, slots, wait_for_all)) and not self._closed:
+            while not self._closed:
+                self._expire_workers()
+                blocking = self._blocking_workers(step, slots, wait_for_all)
+                if not blocking:
+                    break
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     self.counters["pull_timeouts"] += 1
@@ -345,7 +401,8 @@ class Shard:
                         "worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking
                     )
                     next_log = now + self._wait_log_interval
-                self._cond.wait(min(next_log, deadline or next_log) - now)
+                # Wake at least every second to notice departed workers.
+                self._cond.wait(min(next_log, deadline or next_log, now + 1.0) - now)
             if self._closed:
                 raise Unavailable("server is shutting down")
             if masks:
@@ -365,7 +422,7 @@ class Shard:
     def _blocking_workers(self, step: int, slots: list[Slot], wait_for_all: bool) -> list[int]:
         """The workers whose pushes a read for `step` still waits for (empty: may read)."""
         assert self.job is not None
-        workers = range(self.job.num_workers)
+        workers = [w for w in range(self.job.num_workers) if w not in self._departed]
         if wait_for_all:
             needed = step
         elif self.job.mode == pb.BSP:
@@ -463,6 +520,7 @@ class Shard:
         with self._cond:
             self.job, self.slots, self._optimizer = job, slots, optimizer
             self._clock = {int(w): c for w, c in state.meta["clocks"].items()}
+            self._started = time.monotonic()
             self.counters = Counter(state.meta["counters"])
 
     def metrics_snapshot(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ waits for.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
@@ -46,6 +47,7 @@ class ClientConfig:
     wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+    heartbeat_interval: float = setting(5.0, "seconds between heartbeats, so a long step is not taken for a crash")
     auth_token: str | None = setting(None, "shared token the servers require")
     tls_ca: str | None = setting(None, "PEM CA that signed the servers' certificates: connect with TLS")
     tls_cert: str | None = setting(None, "PEM client certificate, for servers that require mutual TLS")
@@ -76,6 +78,8 @@ class PSClient:
         self._optimizer: torch.optim.Optimizer | None = None
         self.prunable: set[str] = set()  # names of the parameters pruning applies to
         self._last_push: tuple[pb.PushHeader, dict[str, torch.Tensor | None]] | None = None
+        self._closing = threading.Event()
+        self._heartbeat = threading.Thread(target=self._send_heartbeats, name="ps-client-heartbeat", daemon=True)
 
     # -- the three verbs ------------------------------------------------------------
 
@@ -149,7 +153,10 @@ class PSClient:
             return hello.clock
 
         clocks = self._on_every_server(init_server)
-        return min(clocks)
+        if not self._heartbeat.is_alive():
+            self._heartbeat.start()
+        # A server holding none of the keys cannot know where the job is.
+        return min((c for c, pieces in zip(clocks, self._pieces, strict=True) if pieces), default=0)
 
     def push(
         self,
@@ -281,6 +288,9 @@ class PSClient:
         )
 
     def close(self) -> None:
+        self._closing.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join()
         self._pool.shutdown(wait=True)
         for channel in self._channels:
             channel.close()
@@ -309,6 +319,18 @@ class PSClient:
             values = flat[piece.name][piece.start : piece.stop]
             for chunk in codec.tensor_to_chunks(piece.key, values, self.config.chunk_bytes):
                 yield pb.InitRequest(chunk=chunk)
+
+    def _send_heartbeats(self) -> None:
+        """Hello every heartbeat_interval: the servers' sign that this worker lives."""
+        request = pb.HelloRequest(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
+        )
+        while not self._closing.wait(self.config.heartbeat_interval):
+            for stub in self._stubs:
+                try:
+                    stub.Hello(request, timeout=min(self.config.timeout, 5.0))
+                except grpc.RpcError as exc:
+                    log.debug("heartbeat failed: %s", exc)
 
     def _wait_for_server(self, server: int, initialized: bool) -> pb.HelloResponse:
         """Hello until the server answers (and, if asked, until it is initialized)."""

@@ -1,0 +1,62 @@
+"""A worker that vanishes does not hang BSP; a restarted one rejoins."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ps_server.config import ServerConfig
+from ps_server.harness import InProcessCluster
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+
+TIMEOUT = 1.0
+SERVER = dataclasses.replace(ServerConfig(), worker_timeout=TIMEOUT)
+CLIENT = ClientConfig(timeout=10, wait_timeout=30, wait_log_interval=0.5, heartbeat_interval=0.2)
+LR = 0.1
+
+
+def _worker(addresses: list[str], rank: int) -> tuple[torch.nn.Linear, PSClient, DistributedOptimizer]:
+    model = torch.nn.Linear(2, 1, bias=False)
+    client = PSClient(addresses, rank, 3, CLIENT)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), client,
+                               named_parameters=model.named_parameters())  # fmt: skip
+    return model, client, opt
+
+
+def _step(model: torch.nn.Linear, opt: DistributedOptimizer, grad: float) -> None:
+    model.weight.grad = torch.full_like(model.weight, grad)
+    opt.step()
+
+
+def test_bsp_completes_without_a_vanished_worker_and_takes_it_back() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with InProcessCluster(num_servers=2, config=SERVER) as cluster, ThreadPoolExecutor(3) as pool:
+        workers = [_worker(cluster.addresses, r) for r in range(3)]
+        for _ in range(3):  # everyone: gradients 1, 2, 3 average to 2
+            list(pool.map(lambda r: _step(workers[r][0], workers[r][2], float(r + 1)), range(3)))
+        start = workers[0][0].weight.detach().clone()
+        workers[2][1].close()  # worker 2 vanishes: no pushes, no heartbeats
+
+        # Workers 0 and 1 go on; their steps complete once worker 2 is given up,
+        # averaging over the two who contributed: (1 + 2) / 2.
+        for _ in range(4):
+            list(pool.map(lambda r: _step(workers[r][0], workers[r][2], float(r + 1)), range(2)))
+        assert torch.allclose(workers[0][0].weight.detach(), start - 4 * LR * 1.5)
+        stats = workers[0][1].stats()
+        assert [s.updates for s in stats if s.keys] == [7]
+
+        # Worker 2 restarts: it resumes at the step the others reached and counts again.
+        model2, client2, opt2 = _worker(cluster.addresses, 2)
+        assert opt2.steps_done == 7
+        assert torch.equal(model2.weight.detach(), workers[0][0].weight.detach())
+        before = model2.weight.detach().clone()
+        everyone = [workers[0], workers[1], (model2, client2, opt2)]
+        list(pool.map(lambda r: _step(everyone[r][0], everyone[r][2], float(r + 1)), range(3)))
+        assert torch.allclose(model2.weight.detach(), before - LR * 2.0)
+        counters = next(s.shard.counters for s in cluster.servers if s.shard.slots)
+        assert counters["workers_departed"] == 1 and counters["workers_rejoined"] == 1
+        for _, client, _ in everyone[:2]:
+            client.close()
+        client2.close()
