@@ -36,11 +36,10 @@ def _resources(pid: int) -> tuple[int, int, int]:
 
 def test_sixteen_workers_for_thousands_of_rounds_without_errors_or_growth(tmp_path: Path) -> None:
     ports = [_free_port(), _free_port()]
+    logs = [open(tmp_path / f"server{p}.log", "wb") for p in ports]  # noqa: SIM115
     servers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ps_server", "--port", str(p)], stderr=open(tmp_path / f"server{p}.log", "wb")
-        )  # noqa: SIM115  # fmt: skip
-        for p in ports
+        subprocess.Popen([sys.executable, "-m", "ps_server", "--port", str(p)], stderr=log)
+        for p, log in zip(ports, logs, strict=True)
     ]
     addresses = [f"127.0.0.1:{p}" for p in ports]
     samples: dict[str, list[tuple[int, int, int]]] = {"warm": [], "end": []}
@@ -88,7 +87,7 @@ def test_dataloader_worker_processes_beside_a_grpc_client_do_not_hang(tmp_path: 
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), client,
                                    named_parameters=model.named_parameters())  # fmt: skip
         started = time.monotonic()
-        for epoch in range(2):  # new worker processes each epoch, forked after the channels exist
+        for _ in range(2):  # new worker processes each epoch, forked after the channels exist
             for x, y in DataLoader(data, batch_size=32, num_workers=2):
                 opt.zero_grad()
                 torch.nn.functional.mse_loss(model(x), y).backward()
