@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,44 @@ def test_job_completes_across_separate_hosts(hosts: dict[str, str], tmp_path: Pa
         assert result["test_accuracy"] >= 0.9
         # The servers really were reached at their own hosts' addresses.
         assert hosts["server0"].split()[1] in (tmp_path / "server0.log").read_text()
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=30)
+
+
+def test_worker_cut_off_for_seconds_recovers_when_the_link_returns(hosts: dict[str, str], tmp_path: Path) -> None:
+    """Calls time out within their deadlines while the link is down (retried,
+    logged); nothing hangs, and training completes once it is back."""
+    port = "50051"
+    addresses = ",".join(f"{hosts[h].split()[1]}:{port}" for h in ("server0", "server1"))
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, name in enumerate(["server0", "server1"]):
+            log = open(tmp_path / f"server{i}.log", "wb")  # noqa: SIM115
+            processes.append(_in(hosts[name], sys.executable, "-m", "ps_server", "--host", hosts[name].split()[1],
+                                 "--port", port, stderr=log))  # fmt: skip
+        workers = []
+        for i, name in enumerate(["worker0", "worker1"]):
+            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+            command = [sys.executable, "-m", "ps_worker", "--servers", addresses, "--worker-id", str(i),
+                       "--num-workers", "2", "--epochs", "30", "--torch-threads", "1", "--timeout", "3",
+                       "--wait-log-interval", "1", "--report", "json"]  # fmt: skip
+            workers.append(_in(hosts[name], *command, stderr=log, stdout=subprocess.PIPE))
+        processes += workers
+        assert workers[1].stdout is not None
+        for line in workers[1].stdout:  # wait until training is well under way
+            if json.loads(line).get("step", 0) >= 30:
+                break
+        namespace = hosts["worker1"].split()[0]
+        _ip("-n", namespace, "link", "set", "eth0", "down")
+        time.sleep(4)
+        _ip("-n", namespace, "link", "set", "eth0", "up")
+        for worker in workers:
+            worker.stdout.read()  # type: ignore[union-attr]
+            assert worker.wait(timeout=180) == 0, (tmp_path / "worker1.log").read_text()[-2000:]
+        assert "still waiting" in (tmp_path / "worker1.log").read_text()
     finally:
         for process in processes:
             if process.poll() is None:
