@@ -80,6 +80,15 @@ BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[s
     "Inf gradient": (lambda s: _grad(s, fill=float("inf")), {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
     "worker id out of range": (_grad, {"worker": 7}, grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
     "negative step": (_grad, {"step": -1}, grpc.StatusCode.INVALID_ARGUMENT, "negative"),
+    "oversize stream": (
+        lambda s: [
+            *_grad(s),
+            pb.TensorChunk(key=s.key, dtype=pb.FLOAT32, shape=s.shape, offset=s.shape[0], data=b"\0" * 4),
+        ],
+        {},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "overruns",
+    ),  # fmt: skip
     "truncated stream": (
         lambda s: [_grad(s)[0].__class__(key=s.key, dtype=pb.FLOAT32, shape=s.shape, data=b"\0" * 4)],
         {},
@@ -183,3 +192,17 @@ def test_client_of_another_protocol_version_is_refused_at_handshake() -> None:
         with pytest.raises(grpc.RpcError) as info:
             stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION + 1, worker_id=0, num_workers=1), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protocol version" in info.value.details()
+
+
+def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
+    from ps_common.errors import FailedPrecondition
+
+    with InProcessCluster(num_servers=2) as cluster:
+        a, b = small_model(), small_model()
+        with PSClient(cluster.addresses, 0, 2) as first, PSClient(cluster.addresses, 1, 2) as second:
+            DistributedOptimizer(
+                torch.optim.Adam(a.parameters(), lr=1e-3), first, named_parameters=a.named_parameters()
+            )
+            with pytest.raises(FailedPrecondition, match="different job"):
+                DistributedOptimizer(torch.optim.Adam(b.parameters(), lr=1e-2), second,
+                                     named_parameters=b.named_parameters())  # fmt: skip

@@ -121,6 +121,9 @@ def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: P
         for name, service in servers.items():
             env = {**os.environ, **service["environment"], "PS_HOST": "127.0.0.1", "PS_PORT": str(mapped[name]),
                    "PS_METRICS_PORT": str(_free_port())}  # fmt: skip
+            # The named volume `checkpoints` is mounted at /checkpoints.
+            assert "checkpoints:/checkpoints" in service["volumes"]
+            env["PS_CHECKPOINT_DIR"] = env["PS_CHECKPOINT_DIR"].replace("/checkpoints", str(tmp_path / "volume"))
             log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
             processes.append(subprocess.Popen([str(BIN / service["command"][0])], env=env, stderr=log))
             test = [str(BIN / service["healthcheck"]["test"][1]), *service["healthcheck"]["test"][2:]]
@@ -140,6 +143,7 @@ def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: P
         lines = (tmp_path / "worker-0.log").read_text().splitlines()
         result = json.loads(next(line for line in lines if "finished: " in line).split("finished: ", 1)[1])
         assert result["test_accuracy"] >= 0.97
+        assert all(list((tmp_path / "volume" / name).glob("ckpt-*")) for name in ("server-0", "server-1"))
     finally:
         for process in processes:
             if process.poll() is None:

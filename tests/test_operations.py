@@ -12,23 +12,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
-from ps_worker import DistributedOptimizer, PSClient
 from ps_worker.ctl import main as ctl_main
 from ps_worker.metrics import WorkerMetrics
-from tests.training import batches, loss_of, small_model
+from tests.training import batches, small_model, train_distributed
 
 WITH_METRICS = dataclasses.replace(ServerConfig(), metrics_port=0)
 
 
 def _train(addresses: list[str], steps: int = 3) -> None:
     model = small_model()
-    with PSClient(addresses, 0, 1) as client:
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
-                                   named_parameters=model.named_parameters())  # fmt: skip
-        for x, y in batches(steps, 4):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
+    train_distributed(addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(steps, 4))
 
 
 def test_health_is_serving_while_up_and_not_serving_after_stop() -> None:

@@ -18,7 +18,7 @@ from ps_server.storage import ShardState, latest_checkpoint, write_checkpoint
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.ctl import main as ctl_main
 from ps_worker.export import ExportedModel
-from tests.training import batches, loss_of, max_difference, small_model, train_local
+from tests.training import batches, loss_of, max_difference, small_model, train_distributed, train_local
 
 QUICK = ClientConfig(timeout=10, wait_timeout=30, wait_log_interval=1)
 
@@ -81,13 +81,9 @@ def test_restart_from_checkpoint_continues_exactly(tmp_path: Path, make_opt) -> 
 def test_checkpoint_on_request_and_export_of_the_whole_model(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     model = small_model()
     with InProcessCluster(num_servers=2, config=_config(tmp_path / "ckpt")) as cluster:
-        with PSClient(cluster.addresses, 0, 1, QUICK) as client:
-            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
-                                       named_parameters=model.named_parameters())  # fmt: skip
-            for x, y in batches(5, 4):
-                opt.zero_grad()
-                loss_of(model, x, y).backward()
-                opt.step()
+        train_distributed(
+            cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(5, 4), config=QUICK
+        )
         servers = ",".join(cluster.addresses)
         assert ctl_main(["checkpoint", "--servers", servers]) == 0
         assert "version 5" in capsys.readouterr().out

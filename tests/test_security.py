@@ -13,9 +13,9 @@ import torch
 from ps_common.errors import PSError
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
-from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from ps_worker import ClientConfig
 from ps_worker.ctl import main as ctl_main
-from tests.training import batches, loss_of, small_model
+from tests.training import batches, small_model, train_distributed
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command to make certificates"
@@ -44,14 +44,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _train(addresses: list[str], config: ClientConfig) -> None:
     model = small_model()
-    with PSClient(addresses, 0, 1, config) as client:
-        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
-                                   named_parameters=model.named_parameters())  # fmt: skip
-        for x, y in batches(3, 4):
-            opt.zero_grad()
-            loss_of(model, x, y).backward()
-            opt.step()
-        assert client.stats()[0].updates == 3
+    train_distributed(addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4), config=config)
 
 
 def test_wrong_token_is_unauthenticated_and_the_right_one_trains() -> None:
