@@ -8,7 +8,7 @@ over elements. Hyperparameters travel as typed Values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,22 @@ def _sparse_chunk(part: torch.Tensor, itemsize: int) -> tuple[bytes, bytes] | No
         return None
     indices = torch.nonzero(part).view(-1).to(torch.int32)
     return _byte_view(indices).tobytes(), _byte_view(part[indices.long()]).tobytes()
+
+
+def batched(chunks: Iterable[pb.TensorChunk], max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[pb.TensorChunk]]:
+    """Group consecutive chunks into batches of at most `max_bytes` payload
+    (a larger chunk alone), one message each."""
+    batch: list[pb.TensorChunk] = []
+    size = 0
+    for chunk in chunks:
+        payload = len(chunk.data) + len(chunk.indices)
+        if batch and size + payload > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(chunk)
+        size += payload
+    if batch:
+        yield batch
 
 
 def absent_chunk(key: str) -> pb.TensorChunk:

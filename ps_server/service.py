@@ -72,8 +72,8 @@ def _assemble(messages: Iterator[Any], assembler: codec.ChunkAssembler) -> None:
     for index, message in enumerate(messages):
         if index and message.HasField("header"):
             raise InvalidArgument("only the first message of a stream may carry a header")
-        if message.HasField("chunk"):
-            assembler.add(message.chunk)
+        for chunk in message.chunks:
+            assembler.add(chunk)
 
 
 class ParameterService(ps_pb2_grpc.ParameterServerServicer):
@@ -121,11 +121,15 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         pulled = self.shard.pull(
             request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout, request.masks
         )
+        chunks = (
+            chunk
+            for item in pulled
+            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes, item.sparse)
+        )
         sent = 0
-        for item in pulled:
-            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes, item.sparse):
-                sent += len(chunk.data) + len(chunk.indices)
-                yield pb.PullResponse(chunk=chunk, version=item.version)
+        for batch in codec.batched(chunks, self.config.chunk_bytes):
+            sent += sum(len(c.data) + len(c.indices) for c in batch)
+            yield pb.PullResponse(chunks=batch)
         self.shard.count("bytes_out", sent)
 
     @_status_errors

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import torch
@@ -38,6 +38,7 @@ _MODES = {"bsp": pb.BSP, "asp": pb.ASP, "ssp": pb.SSP}
 _RETRY_WHILE_WAITING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 T = TypeVar("T")
+M = TypeVar("M", pb.PushRequest, pb.InitRequest)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,9 @@ class PSClient:
             hello = self._wait_for_server(server, initialized=self.worker_id != 0)
             if self.worker_id == 0:
                 flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
-                self._call(server, lambda stub: stub.Init(self._init_stream(jobs[server], flat, server)))
+                header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
+                stream = self._stream(pb.InitRequest, header, server, flat)
+                self._call(server, lambda stub: stub.Init(stream, timeout=self.config.timeout))
             elif hello.job != jobs[server]:
                 raise FailedPrecondition(
                     f"{self.addresses[server]}: worker 0 initialized a different job (parameters, optimizer, "
@@ -186,18 +189,27 @@ class PSClient:
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
         header, flat = self._last_push  # type: ignore[misc]
+        stream = self._stream(pb.PushRequest, header, server, flat)
+        self._call(server, lambda stub: stub.Push(stream, timeout=self.config.timeout))
 
-        def stream() -> Iterator[pb.PushRequest]:
-            yield pb.PushRequest(header=header)
-            for piece in self._pieces[server]:
-                grad = flat[piece.name]
-                if grad is None:
-                    yield pb.PushRequest(chunk=codec.absent_chunk(piece.key))
-                    continue
-                for chunk in codec.tensor_to_chunks(piece.key, grad[piece.start : piece.stop], self.config.chunk_bytes):
-                    yield pb.PushRequest(chunk=chunk)
+    def _stream(
+        self, message: type[M], header: Any, server: int, flat: Mapping[str, torch.Tensor | None]
+    ) -> Iterator[M]:
+        """A client stream: the header, then this server's pieces of `flat`
+        (None: absent), small chunks batched into one message."""
+        chunks = self._piece_chunks(server, flat)
+        batches = codec.batched(chunks, self.config.chunk_bytes)
+        yield message(header=header, chunks=next(batches, []))
+        for batch in batches:
+            yield message(chunks=batch)
 
-        self._call(server, lambda stub: stub.Push(stream(), timeout=self.config.timeout))
+    def _piece_chunks(self, server: int, flat: Mapping[str, torch.Tensor | None]) -> Iterator[pb.TensorChunk]:
+        for piece in self._pieces[server]:
+            values = flat[piece.name]
+            if values is None:
+                yield codec.absent_chunk(piece.key)
+            else:
+                yield from codec.tensor_to_chunks(piece.key, values[piece.start : piece.stop], self.config.chunk_bytes)
 
     def pull(self, into: Mapping[str, torch.Tensor], step: int, wait_for_all_workers: bool = False) -> None:
         """Read the weights for `step` into the CPU tensors `into`, in place.
@@ -232,7 +244,8 @@ class PSClient:
             def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
                 assembler = codec.ChunkAssembler(destination)
                 for response in stub.Pull(request, timeout=deadline):
-                    assembler.add(response.chunk)
+                    for chunk in response.chunks:
+                        assembler.add(chunk)
                 assembler.finish()
 
             server_was_down = False
@@ -273,7 +286,8 @@ class PSClient:
             def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
                 assembler = codec.ChunkAssembler(destination)
                 for response in stub.Pull(request, timeout=self.config.timeout):
-                    assembler.add(response.chunk)
+                    for chunk in response.chunks:
+                        assembler.add(chunk)
                 assembler.finish()
 
             self._call(server, attempt)
@@ -312,13 +326,6 @@ class PSClient:
             raise FailedPrecondition("call init() before push()")
         defaults = self._optimizer.defaults
         return [codec.options_to_proto({k: g[k] for k in defaults if k in g}) for g in self._optimizer.param_groups]
-
-    def _init_stream(self, job: pb.JobSpec, flat: Mapping[str, torch.Tensor], server: int) -> Iterator[pb.InitRequest]:
-        yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=job))
-        for piece in self._pieces[server]:
-            values = flat[piece.name][piece.start : piece.stop]
-            for chunk in codec.tensor_to_chunks(piece.key, values, self.config.chunk_bytes):
-                yield pb.InitRequest(chunk=chunk)
 
     def _send_heartbeats(self) -> None:
         """Hello every heartbeat_interval: the servers' sign that this worker lives."""

@@ -90,7 +90,8 @@ def _pull_whole(
 
     assembler = codec.ChunkAssembler(destination)
     for response in stub.Pull(pb.PullRequest(worker_id=0, step=0, masks=masks), timeout=timeout):
-        assembler.add(response.chunk)
+        for chunk in response.chunks:
+            assembler.add(chunk)
     assembler.finish()
 
 

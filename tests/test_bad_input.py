@@ -60,7 +60,7 @@ def trained() -> Iterator[tuple[Shard, ps_pb2_grpc.ParameterServerStub, pb.KeySp
 
 def _push(stub: ps_pb2_grpc.ParameterServerStub, chunks: list[pb.TensorChunk], worker: int = 1, step: int = 0) -> Any:
     header = pb.PushRequest(header=pb.PushHeader(worker_id=worker, step=step))
-    return stub.Push(iter([header, *[pb.PushRequest(chunk=c) for c in chunks]]), timeout=10)
+    return stub.Push(iter([header, *[pb.PushRequest(chunks=[c]) for c in chunks]]), timeout=10)
 
 
 def _grad(spec: pb.KeySpec, dtype: torch.dtype = torch.float32, numel: int | None = None, fill: float = 1.0):  # type: ignore[no-untyped-def]
@@ -114,7 +114,7 @@ def test_push_without_header_is_refused(trained) -> None:  # type: ignore[no-unt
     shard, stub, spec = trained
     before = _snapshot(shard)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Push(iter([pb.PushRequest(chunk=c) for c in _grad(spec)]), timeout=10)
+        stub.Push(iter([pb.PushRequest(chunks=_grad(spec))]), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in info.value.details()
     _assert_same(before, _snapshot(shard))
 
@@ -123,7 +123,7 @@ def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[
     yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=0, job=job))
     for key, value in values.items():
         for chunk in codec.tensor_to_chunks(key, value):
-            yield pb.InitRequest(chunk=chunk)
+            yield pb.InitRequest(chunks=[chunk])
 
 
 def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> None:  # type: ignore[no-untyped-def]

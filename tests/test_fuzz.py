@@ -92,7 +92,7 @@ def test_well_formed_but_invalid_pushes_get_a_proper_status(server, data) -> Non
         prune_thresholds=data.draw(st.dictionaries(st.sampled_from([key, "x"]), st.floats(), max_size=2)),
     )
     chunks = data.draw(st.lists(_chunks(key), max_size=4))
-    messages = [pb.PushRequest(header=header), *[pb.PushRequest(chunk=c) for c in chunks]]
+    messages = [pb.PushRequest(header=header, chunks=chunks[:1]), pb.PushRequest(chunks=chunks[1:])]
     if data.draw(st.booleans()):
         messages.append(pb.PushRequest(header=header))  # a second header
     code = _call(channel, "Push", [m.SerializeToString() for m in messages])
@@ -116,7 +116,7 @@ def test_well_formed_but_invalid_pulls_and_inits_get_a_proper_status(server, dat
                          shape=data.draw(st.lists(st.integers(-2, 9), max_size=2)))],
     )  # fmt: skip
     init = [pb.InitRequest(header=pb.InitHeader(protocol_version=1, worker_id=0, job=job))]
-    init += [pb.InitRequest(chunk=c) for c in data.draw(st.lists(_chunks(key), max_size=2))]
+    init += [pb.InitRequest(chunks=data.draw(st.lists(_chunks(key), max_size=2)))]
     code = _call(channel, "Init", [m.SerializeToString() for m in init])
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
     _still_serving(channel)

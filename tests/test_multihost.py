@@ -109,7 +109,7 @@ def test_worker_cut_off_for_seconds_recovers_when_the_link_returns(hosts: dict[s
         for i, name in enumerate(["worker0", "worker1"]):
             log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
             command = [sys.executable, "-m", "ps_worker", "--servers", addresses, "--worker-id", str(i),
-                       "--num-workers", "2", "--epochs", "30", "--torch-threads", "1", "--timeout", "3",
+                       "--num-workers", "2", "--epochs", "12", "--torch-threads", "1", "--timeout", "3",
                        "--wait-log-interval", "1", "--report", "json"]  # fmt: skip
             workers.append(_in(hosts[name], *command, stderr=log, stdout=subprocess.PIPE))
         processes += workers

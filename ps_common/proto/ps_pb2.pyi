@@ -197,12 +197,12 @@ class InitHeader(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[int] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class InitRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     header: InitHeader
-    chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[InitHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, header: _Optional[_Union[InitHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class InitResponse(_message.Message):
     __slots__ = ("already_initialized",)
@@ -230,12 +230,12 @@ class PushHeader(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., prune_thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunks")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
-    chunk: TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("accepted", "duplicates")
@@ -262,12 +262,10 @@ class PullRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
-    __slots__ = ("chunk", "version")
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    chunk: TensorChunk
-    version: int
-    def __init__(self, chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
