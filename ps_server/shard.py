@@ -122,6 +122,7 @@ class Shard:
 
     def init_allocator(self, job: pb.JobSpec) -> codec.Allocator:
         """Allocator for an Init stream: a chunk must match its KeySpec."""
+        _validate_job(job)  # before any chunk is taken in
         specs = {k.key: k for k in job.keys}
 
         def allocate(chunk: pb.TensorChunk) -> torch.Tensor:
@@ -564,11 +565,15 @@ class Shard:
 
 def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk) -> None:
     if chunk.dtype != spec.dtype or list(chunk.shape) != list(spec.shape):
-        got = pb.DType.Name(chunk.dtype) if chunk.dtype in pb.DType.values() else chunk.dtype
         raise InvalidArgument(
-            f"key {spec.key!r}: got dtype {got} "
-            f"shape {list(chunk.shape)}, expected {pb.DType.Name(spec.dtype)} shape {list(spec.shape)}"
+            f"key {spec.key!r}: got dtype {_dtype_name(chunk.dtype)} shape {list(chunk.shape)}, "
+            f"expected {_dtype_name(spec.dtype)} shape {list(spec.shape)}"
         )
+
+
+def _dtype_name(code: int) -> str:
+    """Proto3 enums are open: a message may carry a number no name belongs to."""
+    return pb.DType.Name(code) if code in pb.DType.values() else f"unknown dtype {code}"
 
 
 def _validate_job(job: pb.JobSpec) -> None:

@@ -4,6 +4,7 @@ UNKNOWN to a message that parses."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -21,7 +22,11 @@ SERVICE = "/ps.v1.ParameterServer/"
 UNARY = ["Hello", "Stats", "Checkpoint"]
 CLIENT_STREAM = ["Init", "Push"]
 SERVER_STREAM = ["Pull"]
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("PS_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @pytest.fixture(scope="module")

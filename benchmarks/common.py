@@ -1,0 +1,68 @@
+"""Rows, timing and process helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Row:
+    """One comparison; `ratio` is oriented so that higher is better for us."""
+
+    name: str
+    ours: float
+    baseline: float
+    unit: str
+    ratio: float
+    target: float
+
+
+def median_seconds(run: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def server_processes(count: int, *flags: str) -> Iterator[list[str]]:
+    """`count` ps-server processes on loopback; yields their addresses."""
+    with tempfile.TemporaryDirectory() as tmp:
+        processes, addresses = [], []
+        try:
+            for i in range(count):
+                port_file = Path(tmp) / f"{i}.port"
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "ps_server", "--port", "0", "--port-file", str(port_file),
+                     "--log-level", "WARNING", *flags],
+                ))  # fmt: skip
+                deadline = time.monotonic() + 60
+                while not port_file.exists():
+                    if time.monotonic() > deadline or processes[-1].poll() is not None:
+                        raise RuntimeError("benchmark server did not start")
+                    time.sleep(0.05)
+                addresses.append(f"127.0.0.1:{port_file.read_text()}")
+            yield addresses
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=30)
