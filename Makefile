@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast check proto demo bench clean
+.PHONY: venv test test-fast check proto demo bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ proto: $(STAMP)
 ## 2 servers, 4 workers, the digits job, live progress and a summary.
 demo: $(STAMP)
 	$(VENV)/bin/ps-train --servers 2 --workers 4
+
+## Side-by-side benchmarks (ratios against baselines measured in the same run).
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick --out bench.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -25,6 +25,7 @@ class ServerConfig:
     tls_client_ca: str | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS)")
     threads: int = setting(64, "gRPC handler threads; each waiting pull holds one")
     torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)")
+    fused_updates: bool = setting(True, "torch's fused CPU kernels where the worker's optimizer leaves it to torch")
     chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends")
     max_wait: float = setting(600.0, "longest a pull waits for other workers, whatever its deadline")
     worker_timeout: float = setting(60.0, "seconds of silence after which a worker no longer holds back BSP/SSP")

