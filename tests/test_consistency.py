@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
@@ -47,12 +49,22 @@ def test_bsp_four_workers_equal_single_process_on_the_whole_batch(make_opt) -> N
         assert max_difference(oracle, replica) <= 1e-5
 
 
-def _sgd_client(addresses: list[str], rank: int, workers: int, model: torch.nn.Module, mode: str, **kw):  # type: ignore[no-untyped-def]
+Workers = tuple[torch.nn.Module, DistributedOptimizer, torch.nn.Module, DistributedOptimizer]
+
+
+@contextmanager
+def _two_workers(servers: int, mode: str, **kw) -> Iterator[Workers]:  # type: ignore[no-untyped-def]
+    """Workers 0 and 1 of a 2-worker SGD job (lr 0.1) on a fresh cluster; waits are short."""
     config = ClientConfig(timeout=10, wait_timeout=1.0, wait_log_interval=0.2)
-    client = PSClient(addresses, rank, workers, config)
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
-                               named_parameters=model.named_parameters(), mode=mode, **kw)  # fmt: skip
-    return client, opt
+    with InProcessCluster(num_servers=servers) as cluster, ExitStack() as clients:
+        pairs = []
+        for rank in range(2):
+            model = torch.nn.Linear(2, 1)
+            client = clients.enter_context(PSClient(cluster.addresses, rank, 2, config))
+            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                       named_parameters=model.named_parameters(), mode=mode, **kw)  # fmt: skip
+            pairs.append((model, opt))
+        yield pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]
 
 
 def _step(model: torch.nn.Module, opt: DistributedOptimizer, grad_value: float) -> None:
@@ -63,59 +75,41 @@ def _step(model: torch.nn.Module, opt: DistributedOptimizer, grad_value: float) 
 
 
 def test_bsp_worker_cannot_read_the_next_step_before_everyone_pushed() -> None:
-    with InProcessCluster(num_servers=2) as cluster:
-        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "bsp")
-        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "bsp")
+    with _two_workers(2, "bsp") as (a, opt_a, b, opt_b):
         with pytest.raises(WaitTimeout, match=r"waiting for workers \[1\]"):
             _step(a, opt_a, 1.0)
         start = a.weight.detach().clone()
         # Worker 1 pushes: the step completes and worker 0 reads the average.
         _step(b, opt_b, 3.0)
-        client_a.pull(dict(a.named_parameters()), 1)
+        opt_a.client.pull(dict(a.named_parameters()), 1)
         assert torch.allclose(a.weight.detach(), start - 0.1 * 2.0)
-        client_a.close()
-        client_b.close()
 
 
 def test_asp_applies_every_push_on_arrival_without_waiting() -> None:
-    with InProcessCluster(num_servers=1) as cluster:
-        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp")
-        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp")
+    with _two_workers(1, "asp") as (a, opt_a, b, opt_b):
         start = a.weight.detach().clone()
         for _ in range(3):
             _step(a, opt_a, 1.0)  # worker 1 never pushes; worker 0 is not held back
         assert torch.allclose(a.weight.detach(), start - 0.3)
         _step(b, opt_b, 1.0)
         assert torch.allclose(b.weight.detach(), start - 0.4)
-        stats = client_a.stats()[0]
+        stats = opt_a.client.stats()[0]
         assert [k.version for k in stats.keys] == [4, 4]
-        client_a.close()
-        client_b.close()
 
 
 def test_asp_can_scale_a_stale_push_learning_rate_down_by_its_staleness() -> None:
-    with InProcessCluster(num_servers=1) as cluster:
-        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp", scale_lr_by_staleness=True)
-        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp", scale_lr_by_staleness=True)
+    with _two_workers(1, "asp", scale_lr_by_staleness=True) as (a, opt_a, b, opt_b):
         start = a.weight.detach().clone()
         for _ in range(4):
             _step(a, opt_a, 1.0)  # fresh pushes: staleness 0, full learning rate
         # Worker 1 last read version 0; its push lands on version 4: lr / 4.
         _step(b, opt_b, 1.0)
         assert torch.allclose(b.weight.detach(), start - 0.4 - 0.1 / 4)
-        client_a.close()
-        client_b.close()
 
 
 def test_ssp_fast_worker_waits_only_beyond_its_staleness_bound() -> None:
     staleness = 2
-    with InProcessCluster(num_servers=2) as cluster:
-        fast, slow = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_f, opt_f = _sgd_client(cluster.addresses, 0, 2, fast, "ssp", staleness=staleness)
-        client_s, opt_s = _sgd_client(cluster.addresses, 1, 2, slow, "ssp", staleness=staleness)
+    with _two_workers(2, "ssp", staleness=staleness) as (fast, opt_f, slow, opt_s):
         for _ in range(staleness):
             _step(fast, opt_f, 1.0)  # up to `staleness` steps ahead: no waiting
         with pytest.raises(WaitTimeout, match=r"waiting for workers \[1\]"):
@@ -124,7 +118,7 @@ def test_ssp_fast_worker_waits_only_beyond_its_staleness_bound() -> None:
         released = threading.Event()
 
         def read_when_allowed() -> None:
-            client_f.pull(dict(fast.named_parameters()), staleness + 1)
+            opt_f.client.pull(dict(fast.named_parameters()), staleness + 1)
             released.set()
 
         reader = threading.Thread(target=read_when_allowed)
@@ -133,20 +127,13 @@ def test_ssp_fast_worker_waits_only_beyond_its_staleness_bound() -> None:
         _step(slow, opt_s, 1.0)
         reader.join(timeout=10)
         assert released.is_set()
-        client_f.close()
-        client_s.close()
 
 
 def test_pull_final_waits_for_every_worker_in_asp() -> None:
-    with InProcessCluster(num_servers=1) as cluster:
-        a, b = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_a, opt_a = _sgd_client(cluster.addresses, 0, 2, a, "asp")
-        client_b, opt_b = _sgd_client(cluster.addresses, 1, 2, b, "asp")
+    with _two_workers(1, "asp") as (a, opt_a, b, opt_b):
         _step(a, opt_a, 1.0)
         with pytest.raises(WaitTimeout):
             opt_a.pull_final()
         _step(b, opt_b, 1.0)
         opt_a.pull_final()
         assert torch.allclose(a.weight.detach(), b.weight.detach())
-        client_a.close()
-        client_b.close()
