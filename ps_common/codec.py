@@ -217,6 +217,15 @@ def _scatter(key: str, chunk: pb.TensorChunk, dest: torch.Tensor) -> None:
         dest[indices] = torch.frombuffer(bytearray(chunk.data), dtype=dest.dtype)
 
 
+def receive(responses: Iterable[pb.PullResponse], allocate: Allocator) -> dict[str, torch.Tensor]:
+    """Assemble a Pull's response stream into the tensors `allocate` gives."""
+    assembler = ChunkAssembler(allocate)
+    for response in responses:
+        for chunk in response.chunks:
+            assembler.add(chunk)
+    return assembler.finish()
+
+
 def new_tensor_for(chunk: pb.TensorChunk) -> torch.Tensor:
     """A fresh flat tensor sized for the whole tensor that `chunk` starts."""
     numel = 1

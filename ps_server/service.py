@@ -41,16 +41,14 @@ def _status_errors(method: F) -> F:
         try:
             return method(self, request, context)
         except PSError as exc:
-            self.shard.counters[f"rejected_{exc.code.name.lower()}"] += 1
-            context.abort(exc.code, str(exc))
+            self.reject(exc, context)
 
     @functools.wraps(method)
     def streaming(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             yield from method(self, request, context)
         except PSError as exc:
-            self.shard.counters[f"rejected_{exc.code.name.lower()}"] += 1
-            context.abort(exc.code, str(exc))
+            self.reject(exc, context)
 
     return streaming if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 
@@ -81,6 +79,11 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self.shard = shard
         self.config = config
         self.checkpointer = checkpointer
+
+    def reject(self, error: PSError, context: grpc.ServicerContext) -> None:
+        """Count the refusal by status and end the call with it."""
+        self.shard.count(f"rejected_{error.code.name.lower()}", 1)
+        context.abort(error.code, str(error))
 
     @_status_errors
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:

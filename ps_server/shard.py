@@ -564,8 +564,7 @@ class Shard:
             raise InvalidArgument(f"worker id {worker_id} is out of range for {self.job.num_workers} workers")
 
     def _slot(self, key: str) -> Slot:
-        if self.job is None:
-            raise FailedPrecondition("this server has not been initialized yet: worker 0 must call Init first")
+        self._require_job()
         slot = self.slots.get(key)
         if slot is None:
             raise NotFound(f"unknown key {key!r}; this server holds {len(self.slots)} keys")

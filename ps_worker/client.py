@@ -242,11 +242,7 @@ class PSClient:
             deadline = self.config.wait_log_interval + self.config.timeout
 
             def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
-                assembler = codec.ChunkAssembler(destination)
-                for response in stub.Pull(request, timeout=deadline):
-                    for chunk in response.chunks:
-                        assembler.add(chunk)
-                assembler.finish()
+                codec.receive(stub.Pull(request, timeout=deadline), destination)
 
             server_was_down = False
 
@@ -282,15 +278,7 @@ class PSClient:
                 return flat[piece.name][piece.start : piece.stop]
 
             request = pb.PullRequest(worker_id=self.worker_id, masks=True)
-
-            def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
-                assembler = codec.ChunkAssembler(destination)
-                for response in stub.Pull(request, timeout=self.config.timeout):
-                    for chunk in response.chunks:
-                        assembler.add(chunk)
-                assembler.finish()
-
-            self._call(server, attempt)
+            self._call(server, lambda stub: codec.receive(stub.Pull(request, timeout=self.config.timeout), destination))
 
         self._on_every_server(pull_server)
         return masks

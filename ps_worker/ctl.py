@@ -88,11 +88,7 @@ def _pull_whole(
             whole[spec.tensor] = torch.ones(tuple(spec.tensor_shape), dtype=torch.bool)
         return whole[spec.tensor].view(-1)[spec.offset : spec.offset + spec.shape[0]]
 
-    assembler = codec.ChunkAssembler(destination)
-    for response in stub.Pull(pb.PullRequest(worker_id=0, step=0, masks=masks), timeout=timeout):
-        for chunk in response.chunks:
-            assembler.add(chunk)
-    assembler.finish()
+    codec.receive(stub.Pull(pb.PullRequest(worker_id=0, step=0, masks=masks), timeout=timeout), destination)
 
 
 def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> ExportedModel:

@@ -3,9 +3,7 @@ workers reconnect on their own and the job still reaches its target."""
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +14,11 @@ import pytest
 
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from tests.processes import free_port, worker_result
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _version(address: str) -> int:
@@ -38,7 +31,7 @@ def _version(address: str) -> int:
 
 
 def test_killed_server_restores_and_training_reaches_target(tmp_path: Path) -> None:
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     addresses = [f"127.0.0.1:{p}" for p in ports]
 
     def start_server(index: int, run: int) -> subprocess.Popen[bytes]:
@@ -73,8 +66,7 @@ def test_killed_server_restores_and_training_reaches_target(tmp_path: Path) -> N
             process.wait()
     restart_log = (tmp_path / "server1.1.log").read_text()
     assert "restored" in restart_log
-    lines = (tmp_path / "worker0.log").read_text().splitlines()
-    result = json.loads(next(line for line in lines if "finished: " in line).split("finished: ", 1)[1])
+    result = worker_result(tmp_path / "worker0.log")
     assert result["test_accuracy"] >= 0.97
     assert killed_at >= 70
     # The workers noticed the outage and waited, logging, instead of failing.

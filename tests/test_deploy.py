@@ -3,11 +3,9 @@ schemas, the settings they use, and the compose services run as processes."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from ps_common.config import env_names, parse_config
 from ps_server.config import ServerConfig
 from ps_worker.config import WorkerConfig
 from ps_worker.ctl import CtlConfig
+from tests.processes import free_port, worker_result
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -93,12 +92,6 @@ def test_slurm_script_uses_our_flags() -> None:
         assert variable in env_names(WorkerConfig), variable
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_healthy(test: list[str], retries: int, process: subprocess.Popen[bytes]) -> None:
     for _ in range(retries * 4):
         assert process.poll() is None, "server exited before it was healthy"
@@ -115,12 +108,12 @@ def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: P
     services = _compose()["services"]
     servers = {n: s for n, s in services.items() if s.get("command") == ["ps-server"]}
     workers = {n: s for n, s in services.items() if s.get("command") == ["ps-worker"]}
-    mapped = {name: _free_port() for name in servers}
+    mapped = {name: free_port() for name in servers}
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for name, service in servers.items():
             env = {**os.environ, **service["environment"], "PS_HOST": "127.0.0.1", "PS_PORT": str(mapped[name]),
-                   "PS_METRICS_PORT": str(_free_port())}  # fmt: skip
+                   "PS_METRICS_PORT": str(free_port())}  # fmt: skip
             # The named volume `checkpoints` is mounted at /checkpoints.
             assert "checkpoints:/checkpoints" in service["volumes"]
             env["PS_CHECKPOINT_DIR"] = env["PS_CHECKPOINT_DIR"].replace("/checkpoints", str(tmp_path / "volume"))
@@ -140,8 +133,7 @@ def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: P
             processes.append(subprocess.Popen([str(BIN / "ps-worker")], env={**os.environ, **environment}, stderr=log))
         for process in processes[len(servers) :]:
             assert process.wait(timeout=240) == 0
-        lines = (tmp_path / "worker-0.log").read_text().splitlines()
-        result = json.loads(next(line for line in lines if "finished: " in line).split("finished: ", 1)[1])
+        result = worker_result(tmp_path / "worker-0.log")
         assert result["test_accuracy"] >= 0.97
         assert all(list((tmp_path / "volume" / name).glob("ckpt-*")) for name in ("server-0", "server-1"))
     finally:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import worker_result
+
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
@@ -82,8 +84,7 @@ def test_job_completes_across_separate_hosts(hosts: dict[str, str], tmp_path: Pa
         processes += workers
         for worker in workers:
             assert worker.wait(timeout=180) == 0, (tmp_path / "worker0.log").read_text()[-2000:]
-        lines = (tmp_path / "worker0.log").read_text().splitlines()
-        result = json.loads(next(line for line in lines if "finished: " in line).split("finished: ", 1)[1])
+        result = worker_result(tmp_path / "worker0.log")
         assert result["test_accuracy"] >= 0.9
         # The servers really were reached at their own hosts' addresses.
         assert hosts["server0"].split()[1] in (tmp_path / "server0.log").read_text()

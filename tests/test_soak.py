@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from tests.processes import free_port
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 16
 ROUNDS = 160  # per worker: 2,560 push/pull rounds in all
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _resources(pid: int) -> tuple[int, int, int]:
@@ -35,7 +29,7 @@ def _resources(pid: int) -> tuple[int, int, int]:
 
 
 def test_sixteen_workers_for_thousands_of_rounds_without_errors_or_growth(tmp_path: Path) -> None:
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     logs = [open(tmp_path / f"server{p}.log", "wb") for p in ports]  # noqa: SIM115
     servers = [
         subprocess.Popen([sys.executable, "-m", "ps_server", "--port", str(p)], stderr=log)
