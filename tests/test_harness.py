@@ -31,7 +31,11 @@ def test_cluster_frees_its_ports_and_threads_on_exit() -> None:
     assert _our_threads() == []
     for port in ports:
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", port))  # raises if the port were still held
+            # Connections the server closed linger in TIME_WAIT on its port; SO_REUSEADDR
+            # lets us past them, while a listener still bound there makes bind fail.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
 
 
 def test_stop_wakes_a_pull_waiting_at_a_barrier() -> None:
