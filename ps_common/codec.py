@@ -148,12 +148,14 @@ class ChunkAssembler:
 
     Destinations come from `allocate`, so a server can refuse an unknown key
     or wrong shape before reserving memory, and a client can receive straight
-    into its parameters. `finish()` returns the completed tensors and the
+    into its parameters; `on_complete(key)` hears of each tensor made whole
+    (so a worker can use a layer's weights before the rest arrive). `finish()` returns the completed tensors and the
     keys marked absent, and raises if any tensor is incomplete.
     """
 
-    def __init__(self, allocate: Allocator) -> None:
+    def __init__(self, allocate: Allocator, on_complete: Callable[[str], None] | None = None) -> None:
         self._allocate = allocate
+        self._on_complete = on_complete
         self._pending: dict[str, _Pending] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self.absent: set[str] = set()
@@ -194,6 +196,8 @@ class ChunkAssembler:
             pending.dest[start:stop] = np.frombuffer(chunk.data, dtype=np.uint8)
         pending.filled = stop
         self.bytes_received += len(chunk.data) + len(chunk.indices)
+        if stop == pending.dest.size and self._on_complete is not None:
+            self._on_complete(key)
 
     def finish(self) -> dict[str, torch.Tensor]:
         incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.size]
@@ -217,9 +221,12 @@ def _scatter(key: str, chunk: pb.TensorChunk, dest: torch.Tensor) -> None:
         dest[indices] = torch.frombuffer(bytearray(chunk.data), dtype=dest.dtype)
 
 
-def receive(responses: Iterable[pb.PullResponse], allocate: Allocator) -> dict[str, torch.Tensor]:
-    """Assemble a Pull's response stream into the tensors `allocate` gives."""
-    assembler = ChunkAssembler(allocate)
+def receive(
+    responses: Iterable[pb.PullResponse], allocate: Allocator, on_complete: Callable[[str], None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Assemble a Pull's response stream into the tensors `allocate` gives,
+    calling `on_complete(key)` as soon as each tensor is whole."""
+    assembler = ChunkAssembler(allocate, on_complete)
     for response in responses:
         for chunk in response.chunks:
             assembler.add(chunk)

@@ -175,8 +175,12 @@ class Shard:
     # -- push ------------------------------------------------------------------------
 
     def push_allocator(self, chunk: pb.TensorChunk) -> torch.Tensor:
-        """Allocator for a Push stream: only known keys, with their dtype and shape."""
+        """Allocator for a Push stream: only known keys, with their shape, and
+        their dtype or (compressed gradients) a half-precision one."""
         slot = self._slot(chunk.key)
+        if chunk.dtype in _WIRE_HALVES and slot.value.is_floating_point() and slot.value.element_size() > 2:
+            _check_matches(slot.spec, chunk, dtype=chunk.dtype)
+            return torch.empty(slot.value.shape, dtype=codec.dtype_from_proto(chunk.dtype))
         _check_matches(slot.spec, chunk)
         return torch.empty_like(slot.value)
 
@@ -196,6 +200,7 @@ class Shard:
         """
         absent = set(absent)
         thresholds = dict(thresholds or {})
+        grads = {key: grad.to(self._slot(key).value.dtype) for key, grad in grads.items()}
         for key, grad in grads.items():
             if not _all_finite(grad):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
@@ -571,8 +576,13 @@ class Shard:
         return slot
 
 
-def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk) -> None:
-    if chunk.dtype != spec.dtype or list(chunk.shape) != list(spec.shape):
+# Dtypes a compressed gradient of a wider floating-point key may travel in.
+_WIRE_HALVES = (pb.FLOAT16, pb.BFLOAT16)
+
+
+def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk, dtype: int | None = None) -> None:
+    """The chunk has the key's shape and `dtype` (default: the key's own)."""
+    if chunk.dtype != (spec.dtype if dtype is None else dtype) or list(chunk.shape) != list(spec.shape):
         raise InvalidArgument(
             f"key {spec.key!r}: got dtype {_dtype_name(chunk.dtype)} shape {list(chunk.shape)}, "
             f"expected {_dtype_name(spec.dtype)} shape {list(spec.shape)}"

@@ -11,9 +11,10 @@ waits for.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,6 +29,7 @@ from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unava
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_worker.channel import open_channel
+from ps_worker.compression import Compression, Compressor, Payload
 from ps_worker.pruning import PruningConfig
 from ps_worker.sharding import Piece, TensorInfo, plan_placement
 
@@ -76,10 +78,14 @@ class PSClient:
         self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
+        self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
+        self._compressor = Compressor(None)
         self._optimizer: torch.optim.Optimizer | None = None
         self.prunable: set[str] = set()  # names of the parameters pruning applies to
-        self._last_push: tuple[pb.PushHeader, dict[str, torch.Tensor | None]] | None = None
+        self._last_push: tuple[pb.PushHeader, dict[str, Payload | None]] | None = None
         self._closing = threading.Event()
+        self.bytes_pushed = 0  # gradient bytes sent (after compression), retries included
+        self._counting = threading.Lock()
         self._heartbeat = threading.Thread(target=self._send_heartbeats, name="ps-client-heartbeat", daemon=True)
 
     # -- the three verbs ------------------------------------------------------------
@@ -92,10 +98,12 @@ class PSClient:
         staleness: int = 0,
         scale_lr_by_staleness: bool = False,
         pruning: PruningConfig | None = None,
+        compression: Compression | None = None,
     ) -> int:
         """Declare the job; worker 0 uploads the values of `named_parameters`
         (the optimizer's parameters, on any device). With `pruning`, the
-        servers keep masks for the parameters it selects.
+        servers keep masks for the parameters it selects; `compression` is how
+        this worker's pushes travel.
 
         The others wait (up to `wait_timeout`, logging) until worker 0 has
         done so and check that they declare the same job. Returns the step
@@ -109,6 +117,8 @@ class PSClient:
         self.prunable = {n for n, p in named_parameters if pruning is not None and pruning.prunable(n, p)}
         placement = plan_placement(tensors, len(self.addresses), self.config.max_piece_bytes)
         self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
+        self._pieces_of = {t.name: [p for p in placement if p.name == t.name] for t in tensors}
+        self._compressor = Compressor(compression)
         self._optimizer = optimizer
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         params = dict(named_parameters)
@@ -145,8 +155,9 @@ class PSClient:
             hello = self._wait_for_server(server, initialized=self.worker_id != 0)
             if self.worker_id == 0:
                 flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
+                values = {p.key: Payload(flat[p.name][p.start : p.stop], False) for p in self._pieces[server]}
                 header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
-                stream = self._stream(pb.InitRequest, header, server, flat)
+                stream = self._messages(pb.InitRequest, header, self._pieces[server], values)
                 self._call(server, lambda stub: stub.Init(stream, timeout=self.config.timeout))
             elif hello.job != jobs[server]:
                 raise FailedPrecondition(
@@ -172,52 +183,83 @@ class PSClient:
         `prune_thresholds` (worker 0, on pruning steps): per parameter, the
         magnitude at or below which the servers prune this step's weights.
         """
-        missing = {p.name for pieces in self._pieces for p in pieces} - set(grads)
+        missing = set(self._pieces_of) - set(grads)
         if missing:
             raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
-        flat = {name: None if g is None else _flat(g, name) for name, g in grads.items()}
+        stream = self.push_stream(step, prune_thresholds)
+        for name, grad in grads.items():
+            stream.add(name, grad)
+        stream.finish()
+
+    def push_stream(self, step: int, prune_thresholds: Mapping[str, float] | None = None) -> PushStream:
+        """Start the push of `step` now and feed it gradients as they are ready
+        (`add`), e.g. from backward hooks; `finish` sends the rest as absent."""
         header = pb.PushHeader(
             worker_id=self.worker_id, step=step, groups=self._group_options(), prune_thresholds=prune_thresholds
         )
-        # Kept so that a pull that finds its server restarted can push again:
-        # (worker, step, key) ids make the repeat harmless if the push had landed.
-        self._last_push = (header, flat)
-        self._on_every_server(
-            lambda s: self._retry_while_waiting(s, f"to take the push of step {step}", lambda: self._push_to(s))
-        )
+        return PushStream(self, header)
 
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
-        header, flat = self._last_push  # type: ignore[misc]
-        stream = self._stream(pb.PushRequest, header, server, flat)
+        header, payloads = self._last_push  # type: ignore[misc]
+        stream = self._messages(pb.PushRequest, header, self._pieces[server], payloads, counted=True)
         self._call(server, lambda stub: stub.Push(stream, timeout=self.config.timeout))
 
-    def _stream(
-        self, message: type[M], header: Any, server: int, flat: Mapping[str, torch.Tensor | None]
+    def _messages(
+        self,
+        message: type[M],
+        header: Any,
+        pieces: Iterable[Piece],
+        payloads: Mapping[str, Payload | None],
+        counted: bool = False,
     ) -> Iterator[M]:
-        """A client stream: the header, then this server's pieces of `flat`
-        (None: absent), small chunks batched into one message."""
-        chunks = self._piece_chunks(server, flat)
-        batches = codec.batched(chunks, self.config.chunk_bytes)
+        """A client stream: the header, then `pieces` as their payloads say
+        (None: absent), small chunks batched into one message; `counted`
+        bytes add to bytes_pushed."""
+
+        def chunks() -> Iterator[pb.TensorChunk]:
+            for piece in pieces:
+                payload = payloads[piece.key]
+                if payload is None:
+                    yield codec.absent_chunk(piece.key)
+                    continue
+                for chunk in codec.tensor_to_chunks(
+                    piece.key, payload.values, self.config.chunk_bytes, sparse_if_smaller=payload.sparse
+                ):
+                    if counted:
+                        with self._counting:
+                            self.bytes_pushed += len(chunk.data) + len(chunk.indices)
+                    yield chunk
+
+        batches = codec.batched(chunks(), self.config.chunk_bytes)
         yield message(header=header, chunks=next(batches, []))
         for batch in batches:
             yield message(chunks=batch)
 
-    def _piece_chunks(self, server: int, flat: Mapping[str, torch.Tensor | None]) -> Iterator[pb.TensorChunk]:
-        for piece in self._pieces[server]:
-            values = flat[piece.name]
-            if values is None:
-                yield codec.absent_chunk(piece.key)
-            else:
-                yield from codec.tensor_to_chunks(piece.key, values[piece.start : piece.stop], self.config.chunk_bytes)
-
-    def pull(self, into: Mapping[str, torch.Tensor], step: int, wait_for_all_workers: bool = False) -> None:
+    def pull(
+        self,
+        into: Mapping[str, torch.Tensor],
+        step: int,
+        wait_for_all_workers: bool = False,
+        on_arrival: Callable[[str], None] | None = None,
+    ) -> None:
         """Read the weights for `step` into the CPU tensors `into`, in place.
 
         Waits, logging, while the mode makes this worker wait for others
         (or, with `wait_for_all_workers`, until every worker pushed `step` steps).
+        `on_arrival(name)` is called (from a client thread) as soon as one
+        tensor has arrived whole, before the others.
         """
         flat = {name: _flat(t, name) for name, t in into.items()}
+        missing_pieces = {name: len(self._pieces_of[name]) for name in flat}
+        counting = threading.Lock()
+
+        def arrived(piece: Piece) -> None:
+            with counting:
+                missing_pieces[piece.name] -= 1
+                whole = missing_pieces[piece.name] == 0
+            if whole and on_arrival is not None:
+                on_arrival(piece.name)
 
         def pull_server(server: int) -> None:
             pieces = {p.key: p for p in self._pieces[server]}
@@ -242,7 +284,7 @@ class PSClient:
             deadline = self.config.wait_log_interval + self.config.timeout
 
             def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
-                codec.receive(stub.Pull(request, timeout=deadline), destination)
+                codec.receive(stub.Pull(request, timeout=deadline), destination, lambda key: arrived(pieces[key]))
 
             server_was_down = False
 
@@ -379,6 +421,83 @@ class PSClient:
             return [work(0)]
         jobs = [self._pool.submit(work, s) for s in range(len(self.addresses))]
         return [job.result() for job in jobs]
+
+
+class PushStream:
+    """One step's push, streaming to every server while its gradients arrive.
+
+    `add` encodes a gradient (compressing it as the job says) and queues its
+    pieces for the servers' streams, which gRPC sends from its own threads;
+    `finish` marks what was never added as absent, waits for every server's
+    answer and, where a server was down, sends the whole push again.
+    """
+
+    def __init__(self, client: PSClient, header: pb.PushHeader) -> None:
+        self._client = client
+        self._header = header
+        self._payloads: dict[str, Payload | None] = {}  # by piece key
+        self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
+        self._calls: list[grpc.Future] = []
+        for server, stub in enumerate(client._stubs):
+            requests = client._messages(pb.PushRequest, header, self._arrivals(server), self._payloads, counted=True)
+            self._calls.append(stub.Push.future(requests, timeout=client.config.timeout))
+
+    def add(self, name: str, grad: torch.Tensor | None) -> None:
+        """This step's gradient of parameter `name` (a CPU tensor; None: no gradient)."""
+        pieces = self._client._pieces_of.get(name)
+        if pieces is None:
+            raise InvalidArgument(f"push of unknown parameter {name!r}")
+        if pieces[0].key in self._payloads:
+            raise InvalidArgument(f"gradient of {name!r} given twice in the push of step {self._header.step}")
+        flat = None if grad is None else _flat(grad, name)
+        if flat is not None and flat.numel() != pieces[-1].stop:
+            raise InvalidArgument(f"gradient of {name!r} has {flat.numel()} elements, expected {pieces[-1].stop}")
+        encode = self._client._compressor.encode
+        for piece in pieces:
+            self._payloads[piece.key] = None if flat is None else encode(piece.key, flat[piece.start : piece.stop])
+            self._queues[piece.server].put(piece)
+
+    def finish(self) -> None:
+        """Send the rest (as absent) and return once every server took the push."""
+        client, step = self._client, self._header.step
+        for name in client._pieces_of:
+            if client._pieces_of[name][0].key not in self._payloads:
+                self.add(name, None)
+        for pending in self._queues:
+            pending.put(None)
+        # Kept so that a pull that finds its server restarted can push again:
+        # (worker, step, key) ids make the repeat harmless if the push had landed.
+        client._last_push = (self._header, self._payloads)
+
+        def settle(server: int) -> None:
+            try:
+                client._call(server, lambda _: self._calls[server].result())
+                return
+            except PSError as exc:
+                if exc.code not in _RETRY_WHILE_WAITING:
+                    raise
+            client._retry_while_waiting(server, f"to take the push of step {step}", lambda: client._push_to(server))
+
+        client._on_every_server(settle)
+
+    def cancel(self) -> None:
+        """Abandon the push (the servers apply none of it)."""
+        for call, pending in zip(self._calls, self._queues, strict=True):
+            call.cancel()
+            pending.put(None)
+
+    def _arrivals(self, server: int) -> Iterator[Piece]:
+        """The pieces for `server` as they are added, until finish (or the call ends)."""
+        while True:
+            try:
+                piece = self._queues[server].get(timeout=1.0)
+            except queue.Empty:
+                if len(self._calls) > server and self._calls[server].done():
+                    return  # abandoned: the call already ended (deadline, error)
+                continue
+            if piece is None:
+                return
+            yield piece
 
 
 def _flat(tensor: torch.Tensor, name: str) -> torch.Tensor:

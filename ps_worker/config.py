@@ -30,6 +30,9 @@ class JobConfig:
     prune_begin: float = setting(0.1, "start pruning at this fraction of the training steps")
     prune_end: float = setting(0.6, "reach the final sparsity at this fraction of the training steps")
     prune_frequency: int = setting(0, "steps between pruning steps (0: ten pruning steps from begin to end)")
+    compression: Literal["none", "fp16", "bf16", "topk"] = setting("none", "how pushed gradients travel")
+    topk_ratio: float = setting(0.01, "topk compression: fraction of each gradient's elements sent")
+    overlap: bool = setting(False, "push during backward and pull the next weights in the background")
     seed: int = setting(0, "seed of the model initialization, data split and shuffling")
     device: str = setting("cpu", "torch device of the worker: cpu, cuda, cuda:1...")
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ps_worker.client import PSClient
+from ps_worker.compression import Compression
 from ps_worker.config import JobConfig, WorkerConfig
 from ps_worker.export import export_model
 from ps_worker.metrics import WorkerMetrics
@@ -120,14 +121,16 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
         opt = DistributedOptimizer(
             build_optimizer(model, job), client, named_parameters=model.named_parameters(),
             mode=job.mode, staleness=job.staleness, scale_lr_by_staleness=job.scale_lr_by_staleness,
-            pruning=pruning_for(job, total),
+            pruning=pruning_for(job, total), compression=Compression(job.compression, job.topk_ratio),
+            overlap=job.overlap,
         )  # fmt: skip
         loss_fn = nn.CrossEntropyLoss()
         metrics = WorkerMetrics()
         if config.metrics_port is not None:
             log.info("worker %d metrics on port %d", rank, metrics.serve(config.metrics_port))
         started, last_report, samples = time.monotonic(), 0.0, 0
-        for step in range(opt.steps_done, total):
+        first_step = opt.steps_done
+        for step in range(first_step, total):
             step_started, comm_before = time.perf_counter(), opt.communication_seconds
             epoch, index = divmod(step, per_epoch)
             if index == 0 or step == opt.steps_done:
@@ -153,8 +156,11 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
                     "accuracy": (output.argmax(1) == y).float().mean().item(),
                     "samples": samples, "seconds": now - started, "communication_seconds": opt.communication_seconds,
                 })  # fmt: skip
+        opt.close()
+        pushed_steps = max(1, total - first_step)
         result: dict[str, Any] = {"event": "done", "worker": rank, "steps": total, "samples": samples,
-                                  "seconds": time.monotonic() - started}  # fmt: skip
+                                  "seconds": time.monotonic() - started,
+                                  "push_bytes_per_step": client.bytes_pushed // pushed_steps}  # fmt: skip
         if rank == 0:
             exported = export_model(model, opt)
             if config.export_dir:

@@ -10,17 +10,28 @@ place. The wrapper shares `param_groups` with the wrapped optimizer, so an
 LR scheduler attached to either keeps working: the current hyperparameters
 travel with every push. The wrapped optimizer's own `state` stays empty; the
 optimizer state lives on the servers beside its shard.
+
+With `overlap=True`, communication hides behind computation: each gradient
+is pushed as soon as backward has produced it (backward runs from the last
+layer to the first, so the push streams while the earlier layers compute),
+and `step()` returns once the push is taken, leaving the pull of the new
+weights to a background thread; each module's forward then waits only for
+its own parameters. The weights are exactly those of the plain path.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
-from ps_worker.client import Mode, PSClient
+from ps_worker.client import Mode, PSClient, PushStream
+from ps_worker.compression import Compression
 from ps_worker.pruning import PruningConfig, magnitude_threshold
 
 
@@ -48,15 +59,23 @@ class _HostStaging:
             torch.cuda.synchronize()
         return out
 
+    def grad(self, name: str) -> torch.Tensor | None:
+        """One parameter's gradient on the host (waits for its copy)."""
+        grad = self._params[name].grad
+        if grad is None or name not in self._host:
+            return None if grad is None else grad.contiguous()
+        return self._host[name].copy_(grad)
+
     def weights(self) -> dict[str, torch.Tensor]:
         """Where a pull should write: the parameter itself, or its pinned copy."""
         return {name: self._host.get(name, param.data) for name, param in self._params.items()}
 
-    def upload(self) -> None:
+    def upload(self, names: Iterable[str] | None = None) -> None:
         """Copy pulled weights from the pinned copies into the device parameters."""
         with torch.no_grad():
-            for name, host in self._host.items():
-                self._params[name].copy_(host, non_blocking=True)
+            for name in self._host if names is None else names:
+                if name in self._host:
+                    self._params[name].copy_(self._host[name], non_blocking=True)
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -72,6 +91,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         staleness: SSP only, how many steps a worker may run ahead.
         scale_lr_by_staleness: ASP/SSP, divide a stale push's learning rate by its staleness.
         pruning: gradual magnitude pruning run on the servers (see PruningConfig).
+        compression: how gradients travel (see Compression); default full precision.
+        overlap: push during backward and pull in the background (see above).
+            Not for gradient accumulation (several backward passes per step).
     """
 
     def __init__(
@@ -83,6 +105,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         staleness: int = 0,
         scale_lr_by_staleness: bool = False,
         pruning: PruningConfig | None = None,
+        compression: Compression | None = None,
+        overlap: bool = False,
     ) -> None:
         in_optimizer = [p for group in optimizer.param_groups for p in group["params"]]
         if named_parameters is None:
@@ -100,6 +124,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.client = client
         self._params = {names[id(p)]: p for p in in_optimizer}
+        self._names = {id(p): name for name, p in self._params.items()}
         self._staging = _HostStaging(self._params)
         self._step = client.init(
             list(self._params.items()),
@@ -108,10 +133,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             staleness=staleness,
             scale_lr_by_staleness=scale_lr_by_staleness,
             pruning=pruning,
+            compression=compression,
         )
         self.pruning = pruning
         self.communication_seconds = 0.0  # spent in push and pull, for metrics
         self._pull()
+        self._push: PushStream | None = None  # overlap: the push backward is feeding
+        self._pulling: futures.Future[None] | None = None  # overlap: the background pull
+        self._arrived: dict[int, threading.Event] = {}  # overlap: by id(parameter)
+        self._hooks: list[RemovableHandle] = []
+        if overlap:
+            self._puller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-pull")
+            self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self._params.values()]
+            self._hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(self._await_weights))
 
     @property
     def steps_done(self) -> int:
@@ -125,11 +159,70 @@ class DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         started = time.perf_counter()
-        self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+        if self._push is None:
+            self.synchronize()
+            self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+        else:
+            push, self._push = self._push, None
+            push.finish()
         self._step += 1
-        self._pull()
+        if self._hooks:
+            self._pull_in_background()
+        else:
+            self._pull()
         self.communication_seconds += time.perf_counter() - started
         return loss
+
+    def synchronize(self) -> None:
+        """Wait until the weights of the current step are all in place (overlap:
+        call it before reading parameters outside a module's forward)."""
+        if self._pulling is not None:
+            pulling, self._pulling = self._pulling, None
+            self._arrived = {}
+            pulling.result()
+
+    def close(self) -> None:
+        """Finish the background pull, abandon a push that backward started
+        but no step() finished, and remove the overlap hooks."""
+        if self._push is not None:
+            self._push.cancel()
+            self._push = None
+        self.synchronize()
+        for hook in self._hooks:
+            hook.remove()
+        if self._hooks:
+            self._puller.shutdown()
+        self._hooks = []
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """Backward hook: push this gradient now, starting the step's push if need be."""
+        if self._push is None:
+            self.synchronize()
+            self._push = self.client.push_stream(self._step, self._prune_thresholds())
+        name = self._names[id(param)]
+        self._push.add(name, self._staging.grad(name))
+
+    def _pull_in_background(self) -> None:
+        arrived = {id(p): threading.Event() for p in self._params.values()}
+
+        def landed(name: str) -> None:
+            self._staging.upload([name])
+            arrived[id(self._params[name])].set()
+
+        self._arrived = arrived
+        self._pulling = self._puller.submit(self.client.pull, self._staging.weights(), self._step, False, landed)
+
+    def _await_weights(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook on every module: wait for this module's own weights."""
+        pulling = self._pulling
+        if pulling is None:
+            return
+        for param in module._parameters.values():
+            event = None if param is None else self._arrived.get(id(param))
+            while event is not None and not event.wait(1.0):
+                if pulling.done():
+                    self.synchronize()  # raises the pull's error, if it failed
+                    return
 
     def _prune_thresholds(self) -> dict[str, float] | None:
         """Worker 0 on a pruning step: thresholds from the weights of this step,
@@ -144,11 +237,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def masks(self) -> dict[str, torch.Tensor]:
         """The servers' pruning masks (True = kept), whole tensors by parameter name."""
+        self.synchronize()
         return self.client.pull_masks({name: p.shape for name, p in self._params.items()})
 
     def pull_final(self) -> None:
         """Wait until every worker has pushed as many steps as this one, then pull:
         the model after training, whatever the mode."""
+        self.synchronize()
         self._pull(wait_for_all_workers=True)
 
     def _pull(self, wait_for_all_workers: bool = False) -> None:
