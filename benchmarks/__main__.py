@@ -13,7 +13,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import update_rate, wire
+from benchmarks import training_step, update_rate, wire
 
 
 def main() -> None:
@@ -22,7 +22,12 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [*wire.run(args.quick), *update_rate.run(args.quick)]
+    rows = [
+        *wire.run(args.quick),
+        *update_rate.run(args.quick),
+        *training_step.run(args.quick),
+        *training_step.run_scaling(args.quick),
+    ]
     table = Table(title=f"benchmarks on {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     for column in ("comparison", "ours", "baseline", "unit", "ratio (higher is better)", "target"):
         table.add_column(column)

@@ -44,10 +44,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_processes(count: int, *flags: str) -> Iterator[list[str]]:
-    """`count` ps-server processes on loopback; yields their addresses."""
+def server_processes(count: int, *flags: str) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
+    """`count` ps-server processes on loopback; yields their addresses and processes."""
     with tempfile.TemporaryDirectory() as tmp:
-        processes, addresses = [], []
+        processes: list[subprocess.Popen[bytes]] = []
+        addresses: list[str] = []
         try:
             for i in range(count):
                 port_file = Path(tmp) / f"{i}.port"
@@ -61,7 +62,7 @@ def server_processes(count: int, *flags: str) -> Iterator[list[str]]:
                         raise RuntimeError("benchmark server did not start")
                     time.sleep(0.05)
                 addresses.append(f"127.0.0.1:{port_file.read_text()}")
-            yield addresses
+            yield addresses, processes
         finally:
             for process in processes:
                 process.terminate()

@@ -1,14 +1,20 @@
 """Push + pull of a whole fp32 model through our servers, against a plain
-socket echoing the same bytes over loopback."""
+socket echoing the same bytes over loopback, and against bare gRPC Python
+streaming the same bytes between two processes (the transport's own ceiling)."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import socket
 import threading
+from concurrent import futures
+from typing import Any
 
+import grpc
 import torch
 
 from benchmarks.common import Row, median_seconds, server_processes
+from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
 TARGET = 0.7
@@ -50,13 +56,65 @@ def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
     return seconds
 
 
+def _bare_grpc_server(nbytes: int, ports: Any, stop: Any) -> None:
+    """A gRPC server that takes a stream of bytes messages and streams `nbytes` back."""
+    payload = b"x" * DEFAULT_CHUNK_BYTES
+    count = -(-nbytes // DEFAULT_CHUNK_BYTES)
+
+    def take(requests: Any, context: Any) -> bytes:
+        for _ in requests:
+            pass
+        return b""
+
+    def give(request: Any, context: Any) -> Any:
+        for _ in range(count):
+            yield payload
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    handlers = {"Take": grpc.stream_unary_rpc_method_handler(take), "Give": grpc.unary_stream_rpc_method_handler(give)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bare", handlers),))
+    ports.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    stop.wait(600)
+    server.stop(0)
+
+
+def bare_grpc_seconds(nbytes: int, repeats: int) -> float:
+    """The same bytes up and back in 4 MiB messages, no tensors, no protobuf."""
+    context = mp.get_context("spawn")
+    ports, stop = context.Queue(), context.Event()
+    process = context.Process(target=_bare_grpc_server, args=(nbytes, ports, stop))
+    process.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}") as channel:
+            take, give = channel.stream_unary("/bare/Take"), channel.unary_stream("/bare/Give")
+            payload = b"x" * DEFAULT_CHUNK_BYTES
+            count = -(-nbytes // DEFAULT_CHUNK_BYTES)
+
+            def round_trip() -> None:
+                take(iter([payload] * count), timeout=120)
+                for _ in give(b"", timeout=120):
+                    pass
+
+            return median_seconds(round_trip, repeats)
+    finally:
+        stop.set()
+        process.join(timeout=30)
+
+
 def ours_seconds(nbytes: int, servers: int, repeats: int) -> float:
     weights = torch.nn.Parameter(torch.zeros(nbytes // 4))
-    with server_processes(servers) as addresses, PSClient(addresses, 0, 1, ClientConfig(timeout=120)) as client:
+    with server_processes(servers) as (addresses, _), PSClient(addresses, 0, 1, ClientConfig(timeout=120)) as client:
         opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)],
                                    mode="asp")  # fmt: skip
         weights.grad = torch.ones_like(weights)
         return median_seconds(opt.step, repeats)
+
+
+def _row(name: str, nbytes: int, ours: float, baseline: float) -> Row:
+    """Seconds for `nbytes` up and back, as GB/s moved."""
+    return Row(name=name, ours=round(2 * nbytes / ours / 1e9, 3), baseline=round(2 * nbytes / baseline / 1e9, 3),
+               unit="GB/s", ratio=round(baseline / ours, 3), target=TARGET)  # fmt: skip
 
 
 def run(quick: bool) -> list[Row]:
@@ -66,11 +124,12 @@ def run(quick: bool) -> list[Row]:
         nbytes = mib * 2**20
         repeats = 3 if quick else 5
         raw = raw_tcp_seconds(nbytes, repeats)
+        bare = bare_grpc_seconds(nbytes, repeats)
+
+        rows.append(_row(f"wire: bare gRPC Python, {mib} MiB up and back in 4 MiB messages vs raw TCP echo",
+                         nbytes, bare, raw))  # fmt: skip
         for servers in (1, 2):
             ours = ours_seconds(nbytes, servers, repeats)
-            rows.append(Row(
-                name=f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo",
-                ours=round(2 * nbytes / ours / 1e9, 3), baseline=round(2 * nbytes / raw / 1e9, 3), unit="GB/s",
-                ratio=round(raw / ours, 3), target=TARGET,
-            ))  # fmt: skip
+            rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo", nbytes, ours, raw))
+            rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs bare gRPC", nbytes, ours, bare))
     return rows

@@ -1,16 +1,17 @@
 """Conversions between torch objects and protobuf messages, for both sides.
 
 Tensors travel as raw bytes of their flattened elements: `tensor_to_chunks`
-cuts one into TensorChunk messages and `ChunkAssembler` writes incoming
-chunks straight into destination tensors, one copy per byte, no Python loop
-over elements. Hyperparameters travel as typed Values.
+cuts one into Chunks (TensorChunk messages whose data is a view of the
+tensor, see ps_common.wire) and `ChunkAssembler` writes incoming chunks
+straight into destination tensors, one copy per byte, no Python loop over
+elements. Hyperparameters travel as typed Values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +60,51 @@ def dtype_from_proto(code: pb.DType) -> torch.dtype:
         raise InvalidArgument(f"unknown or unspecified dtype code {code}") from None
 
 
+@dataclass
+class Chunk:
+    """A TensorChunk (see proto/ps.proto) whose data and indices may be views
+    of memory owned elsewhere, so they travel without copies."""
+
+    key: str
+    dtype: pb.DType = pb.DTYPE_UNSPECIFIED
+    shape: Sequence[int] = field(default_factory=list)
+    offset: int = 0
+    data: bytes | memoryview = b""
+    absent: bool = False
+    sparse: bool = False
+    indices: bytes | memoryview = b""
+    length: int = 0
+
+    def to_proto(self) -> pb.TensorChunk:
+        return pb.TensorChunk(
+            key=self.key, dtype=self.dtype, shape=self.shape, offset=self.offset, data=bytes(self.data),
+            absent=self.absent, sparse=self.sparse, indices=bytes(self.indices), length=self.length,
+        )  # fmt: skip
+
+
+class ChunkLike(Protocol):
+    """A Chunk or a pb.TensorChunk: what readers of chunks need."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def dtype(self) -> pb.DType: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def data(self) -> bytes | memoryview: ...
+    @property
+    def absent(self) -> bool: ...
+    @property
+    def sparse(self) -> bool: ...
+    @property
+    def indices(self) -> bytes | memoryview: ...
+    @property
+    def length(self) -> int: ...
+
+
 def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     """The tensor's memory as a flat uint8 array (no copy); any dtype, bf16 too."""
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
@@ -66,12 +112,12 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
 
 def tensor_to_chunks(
     key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, sparse_if_smaller: bool = False
-) -> Iterator[pb.TensorChunk]:
+) -> Iterator[Chunk]:
     """Cut a CPU tensor into chunks of at most `chunk_bytes` data bytes.
 
     With `sparse_if_smaller`, a chunk whose non-zeros take fewer bytes as
-    (index, value) pairs travels that way. The tensor is read as chunks are
-    sent, so callers must not change it until the iterator is exhausted.
+    (index, value) pairs travels that way. Dense chunks are views of the
+    tensor, so callers must not change it until the chunks are sent.
     """
     flat = tensor.detach().contiguous().reshape(-1)
     dtype, shape = dtype_to_proto(flat.dtype), list(tensor.shape)
@@ -84,13 +130,13 @@ def tensor_to_chunks(
         sparse = _sparse_chunk(flat[offset:stop], itemsize) if sparse_if_smaller else None
         if sparse is not None:
             indices, values = sparse
-            yield pb.TensorChunk(
+            yield Chunk(
                 key=key, dtype=dtype, shape=shape, offset=offset, sparse=True, indices=indices, data=values,
                 length=stop - offset,
             )  # fmt: skip
         else:
-            data = raw[offset * itemsize : stop * itemsize].tobytes()
-            yield pb.TensorChunk(key=key, dtype=dtype, shape=shape, offset=offset, data=data)
+            data = memoryview(raw[offset * itemsize : stop * itemsize])  # type: ignore[arg-type]
+            yield Chunk(key=key, dtype=dtype, shape=shape, offset=offset, data=data)
         offset = stop
         if offset >= flat.numel():
             return
@@ -109,10 +155,10 @@ def _sparse_chunk(part: torch.Tensor, itemsize: int) -> tuple[bytes, bytes] | No
     return _byte_view(indices).tobytes(), _byte_view(part[indices.long()]).tobytes()
 
 
-def batched(chunks: Iterable[pb.TensorChunk], max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[pb.TensorChunk]]:
+def batched(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[Chunk]]:
     """Group consecutive chunks into batches of at most `max_bytes` payload
     (a larger chunk alone), one message each."""
-    batch: list[pb.TensorChunk] = []
+    batch: list[Chunk] = []
     size = 0
     for chunk in chunks:
         payload = len(chunk.data) + len(chunk.indices)
@@ -125,22 +171,22 @@ def batched(chunks: Iterable[pb.TensorChunk], max_bytes: int = DEFAULT_CHUNK_BYT
         yield batch
 
 
-def absent_chunk(key: str) -> pb.TensorChunk:
+def absent_chunk(key: str) -> Chunk:
     """The marker for a key without a gradient this step."""
-    return pb.TensorChunk(key=key, absent=True)
+    return Chunk(key=key, absent=True)
 
 
 @dataclass
 class _Pending:
     dest: np.ndarray  # uint8 view of the destination tensor's memory
-    dtype: pb.DType
+    dtype: int
     shape: tuple[int, ...]
     filled: int = 0  # bytes written so far
 
 
 # Called with a key's first chunk; returns the flat tensor to fill, after
 # checking that key, dtype and shape are acceptable (raising otherwise).
-Allocator = Callable[[pb.TensorChunk], torch.Tensor]
+Allocator = Callable[[ChunkLike], torch.Tensor]
 
 
 class ChunkAssembler:
@@ -161,7 +207,7 @@ class ChunkAssembler:
         self.absent: set[str] = set()
         self.bytes_received = 0
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: ChunkLike) -> None:
         key = chunk.key
         if key in self.absent:
             raise InvalidArgument(f"key {key!r}: data after the absent marker")
@@ -206,7 +252,7 @@ class ChunkAssembler:
         return self._tensors
 
 
-def _scatter(key: str, chunk: pb.TensorChunk, dest: torch.Tensor) -> None:
+def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
     """Write a sparse chunk into `dest` (its range): zeros, then the values."""
     itemsize = dest.element_size()
     count = len(chunk.indices) // _INDEX_BYTES
@@ -221,8 +267,13 @@ def _scatter(key: str, chunk: pb.TensorChunk, dest: torch.Tensor) -> None:
         dest[indices] = torch.frombuffer(bytearray(chunk.data), dtype=dest.dtype)
 
 
+class HasChunks(Protocol):
+    @property
+    def chunks(self) -> Sequence[ChunkLike]: ...
+
+
 def receive(
-    responses: Iterable[pb.PullResponse], allocate: Allocator, on_complete: Callable[[str], None] | None = None
+    responses: Iterable[HasChunks], allocate: Allocator, on_complete: Callable[[str], None] | None = None
 ) -> dict[str, torch.Tensor]:
     """Assemble a Pull's response stream into the tensors `allocate` gives,
     calling `on_complete(key)` as soon as each tensor is whole."""
@@ -233,7 +284,7 @@ def receive(
     return assembler.finish()
 
 
-def new_tensor_for(chunk: pb.TensorChunk) -> torch.Tensor:
+def new_tensor_for(chunk: ChunkLike) -> torch.Tensor:
     """A fresh flat tensor sized for the whole tensor that `chunk` starts."""
     numel = 1
     for dim in chunk.shape:

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from ps_common import PROTOCOL_VERSION, codec
+from ps_common import PROTOCOL_VERSION, codec, wire
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
@@ -58,17 +58,24 @@ def _check_protocol(version: int) -> None:
         raise InvalidArgument(f"client speaks protocol version {version}, this server speaks {PROTOCOL_VERSION}")
 
 
-def _split_stream(requests: Iterator[Any], what: str) -> tuple[Any, Iterator[Any]]:
+def _parsed(message: wire.Frame | wire.Malformed) -> wire.Frame:
+    if isinstance(message, wire.Malformed):
+        raise InvalidArgument(message.reason)
+    return message
+
+
+def _split_stream(requests: Iterator[wire.Frame | wire.Malformed], what: str) -> tuple[Any, Iterator[wire.Frame]]:
     """The header of a client stream's first message, and every message."""
     first = next(requests, None)
-    if first is None or not first.HasField("header"):
+    if first is None or _parsed(first).header is None:
         raise InvalidArgument(f"the first {what} message must carry the header")
-    return first.header, itertools.chain([first], requests)
+    frame = _parsed(first)
+    return frame.header, itertools.chain([frame], map(_parsed, requests))
 
 
-def _assemble(messages: Iterator[Any], assembler: codec.ChunkAssembler) -> None:
+def _assemble(messages: Iterator[wire.Frame], assembler: codec.ChunkAssembler) -> None:
     for index, message in enumerate(messages):
-        if index and message.HasField("header"):
+        if index and message.header is not None:
             raise InvalidArgument("only the first message of a stream may carry a header")
         for chunk in message.chunks:
             assembler.add(chunk)
@@ -92,7 +99,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         return pb.HelloResponse(protocol_version=PROTOCOL_VERSION, initialized=job is not None, job=job, clock=clock)
 
     @_status_errors
-    def Init(self, requests: Iterator[pb.InitRequest], context: grpc.ServicerContext) -> pb.InitResponse:
+    def Init(self, requests: Iterator[wire.Frame | wire.Malformed], context: grpc.ServicerContext) -> pb.InitResponse:
         header, messages = _split_stream(requests, "Init")
         _check_protocol(header.protocol_version)
         if header.worker_id != 0:
@@ -103,7 +110,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         return pb.InitResponse(already_initialized=already)
 
     @_status_errors
-    def Push(self, requests: Iterator[pb.PushRequest], context: grpc.ServicerContext) -> pb.PushResponse:
+    def Push(self, requests: Iterator[wire.Frame | wire.Malformed], context: grpc.ServicerContext) -> pb.PushResponse:
         header, messages = _split_stream(requests, "Push")
         assembler = codec.ChunkAssembler(self.shard.push_allocator)
         _assemble(messages, assembler)
@@ -113,7 +120,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         return pb.PushResponse(accepted=accepted, duplicates=duplicates)
 
     @_status_errors
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.PullResponse]:
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -129,10 +136,18 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             for item in pulled
             for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes, item.sparse)
         )
+        batches = codec.batched(chunks, self.config.chunk_bytes)
         sent = 0
-        for batch in codec.batched(chunks, self.config.chunk_bytes):
+        while True:
+            # Chunks are views of the live weights: cut and serialize each
+            # message under the lock, so it is one consistent copy.
+            with self.shard.reading():
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                message = wire.encode_pull(wire.Frame(chunks=batch))
             sent += sum(len(c.data) + len(c.indices) for c in batch)
-            yield pb.PullResponse(chunks=batch)
+            yield message
         self.shard.count("bytes_out", sent)
 
     @_status_errors
@@ -175,7 +190,7 @@ class RunningServer:
             self._metrics_http.server_close()
 
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+SERVICE_NAME = wire.SERVICE
 
 
 def start_server(config: ServerConfig) -> RunningServer:
@@ -193,7 +208,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
     interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.server(executor, interceptors=interceptors)
-    ps_pb2_grpc.add_ParameterServerServicer_to_server(ParameterService(shard, config, checkpointer), server)  # type: ignore[no-untyped-call]
+    wire.add_servicer(ParameterService(shard, config, checkpointer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

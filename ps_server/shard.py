@@ -72,7 +72,7 @@ class _Push:
 @dataclass
 class PulledKey:
     key: str
-    value: torch.Tensor  # a private copy, safe to send outside the lock
+    value: torch.Tensor  # the live tensor: read it only inside `Shard.reading()`
     version: int
     sparse: bool  # pruned: worth trying the sparse encoding
 
@@ -130,7 +130,7 @@ class Shard:
         _validate_job(job)  # before any chunk is taken in
         specs = {k.key: k for k in job.keys}
 
-        def allocate(chunk: pb.TensorChunk) -> torch.Tensor:
+        def allocate(chunk: codec.ChunkLike) -> torch.Tensor:
             spec = specs.get(chunk.key)
             if spec is None:
                 raise InvalidArgument(f"Init sends key {chunk.key!r} that its job does not declare")
@@ -174,7 +174,7 @@ class Shard:
 
     # -- push ------------------------------------------------------------------------
 
-    def push_allocator(self, chunk: pb.TensorChunk) -> torch.Tensor:
+    def push_allocator(self, chunk: codec.ChunkLike) -> torch.Tensor:
         """Allocator for a Push stream: only known keys, with their shape, and
         their dtype or (compressed gradients) a half-precision one."""
         slot = self._slot(chunk.key)
@@ -391,8 +391,14 @@ class Shard:
         timeout: float | None,
         masks: bool = False,
     ) -> list[PulledKey]:
-        """Copies of `keys` (all if empty) once `worker_id` may read them for `step`;
-        with `masks`, the pruning masks of those that have one instead."""
+        """`keys` (all if empty) once `worker_id` may read them for `step`;
+        with `masks`, the pruning masks of those that have one instead.
+
+        The values are the live tensors, not copies (a copy of the whole shard
+        per pull would double the server's memory): read them inside
+        `reading()`, a piece at a time. In BSP they cannot change until this
+        worker has pushed again; in ASP each piece read is whole, and pieces
+        may come from successive updates, as in any asynchronous server."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._require_job()
@@ -422,13 +428,13 @@ class Shard:
                 raise Unavailable("server is shutting down")
             if masks:
                 return [
-                    PulledKey(s.spec.key, s.mask.clone().view(tuple(s.spec.shape)), s.version, sparse=False)
+                    PulledKey(s.spec.key, s.mask.view(tuple(s.spec.shape)), s.version, sparse=False)
                     for s in slots
                     if s.mask is not None
                 ]
             pulled = []
             for slot in slots:
-                value = slot.value.clone().view(tuple(slot.spec.shape))
+                value = slot.value.view(tuple(slot.spec.shape))
                 pulled.append(PulledKey(slot.spec.key, value, slot.version, sparse=slot.mask is not None))
                 self._pulled_version[(worker_id, slot.spec.key)] = slot.version
             self.counters["pulls"] += 1
@@ -451,6 +457,10 @@ class Shard:
         return [w for w in workers if self._clock.get(w, 0) < needed]
 
     # -- introspection and lifecycle ---------------------------------------------------
+
+    def reading(self) -> threading.Condition:
+        """Hold this while reading pulled values: no update runs meanwhile."""
+        return self._cond
 
     def stats(self) -> pb.StatsResponse:
         with self._cond:
@@ -580,7 +590,7 @@ class Shard:
 _WIRE_HALVES = (pb.FLOAT16, pb.BFLOAT16)
 
 
-def _check_matches(spec: pb.KeySpec, chunk: pb.TensorChunk, dtype: int | None = None) -> None:
+def _check_matches(spec: pb.KeySpec, chunk: codec.ChunkLike, dtype: int | None = None) -> None:
     """The chunk has the key's shape and `dtype` (default: the key's own)."""
     if chunk.dtype != (spec.dtype if dtype is None else dtype) or list(chunk.shape) != list(spec.shape):
         raise InvalidArgument(

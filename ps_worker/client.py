@@ -18,16 +18,15 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 import torch
 
-from ps_common import PROTOCOL_VERSION, codec
+from ps_common import PROTOCOL_VERSION, codec, wire
 from ps_common.config import setting
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable, WaitTimeout, from_rpc_error
 from ps_common.proto import ps_pb2 as pb
-from ps_common.proto import ps_pb2_grpc
 from ps_worker.channel import open_channel
 from ps_worker.compression import Compression, Compressor, Payload
 from ps_worker.pruning import PruningConfig
@@ -40,7 +39,6 @@ _MODES = {"bsp": pb.BSP, "asp": pb.ASP, "ssp": pb.SSP}
 _RETRY_WHILE_WAITING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 T = TypeVar("T")
-M = TypeVar("M", pb.PushRequest, pb.InitRequest)
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class PSClient:
         self.num_workers = num_workers
         self.config = config or ClientConfig()
         self._channels = [self.config.channel(a) for a in self.addresses]
-        self._stubs = [ps_pb2_grpc.ParameterServerStub(c) for c in self._channels]  # type: ignore[no-untyped-call]
+        self._stubs = [wire.Stub(c) for c in self._channels]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
         self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
@@ -157,7 +155,7 @@ class PSClient:
                 flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
                 values = {p.key: Payload(flat[p.name][p.start : p.stop], False) for p in self._pieces[server]}
                 header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
-                stream = self._messages(pb.InitRequest, header, self._pieces[server], values)
+                stream = self._messages(header, self._pieces[server], values)
                 self._call(server, lambda stub: stub.Init(stream, timeout=self.config.timeout))
             elif hello.job != jobs[server]:
                 raise FailedPrecondition(
@@ -202,22 +200,21 @@ class PSClient:
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
         header, payloads = self._last_push  # type: ignore[misc]
-        stream = self._messages(pb.PushRequest, header, self._pieces[server], payloads, counted=True)
+        stream = self._messages(header, self._pieces[server], payloads, counted=True)
         self._call(server, lambda stub: stub.Push(stream, timeout=self.config.timeout))
 
     def _messages(
         self,
-        message: type[M],
-        header: Any,
+        header: pb.InitHeader | pb.PushHeader,
         pieces: Iterable[Piece],
         payloads: Mapping[str, Payload | None],
         counted: bool = False,
-    ) -> Iterator[M]:
+    ) -> Iterator[wire.Frame]:
         """A client stream: the header, then `pieces` as their payloads say
         (None: absent), small chunks batched into one message; `counted`
         bytes add to bytes_pushed."""
 
-        def chunks() -> Iterator[pb.TensorChunk]:
+        def chunks() -> Iterator[codec.Chunk]:
             for piece in pieces:
                 payload = payloads[piece.key]
                 if payload is None:
@@ -232,9 +229,9 @@ class PSClient:
                     yield chunk
 
         batches = codec.batched(chunks(), self.config.chunk_bytes)
-        yield message(header=header, chunks=next(batches, []))
+        yield wire.Frame(header=header, chunks=next(batches, []))
         for batch in batches:
-            yield message(chunks=batch)
+            yield wire.Frame(chunks=batch)
 
     def pull(
         self,
@@ -264,7 +261,7 @@ class PSClient:
         def pull_server(server: int) -> None:
             pieces = {p.key: p for p in self._pieces[server]}
 
-            def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+            def destination(chunk: codec.ChunkLike) -> torch.Tensor:
                 piece = pieces.get(chunk.key)
                 if piece is None:
                     raise InvalidArgument(f"{self.addresses[server]} sent unknown key {chunk.key!r}")
@@ -283,7 +280,7 @@ class PSClient:
             )
             deadline = self.config.wait_log_interval + self.config.timeout
 
-            def attempt(stub: ps_pb2_grpc.ParameterServerStub) -> None:
+            def attempt(stub: wire.Stub) -> None:
                 codec.receive(stub.Pull(request, timeout=deadline), destination, lambda key: arrived(pieces[key]))
 
             server_was_down = False
@@ -313,7 +310,7 @@ class PSClient:
         def pull_server(server: int) -> None:
             pieces = {p.key: p for p in self._pieces[server]}
 
-            def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+            def destination(chunk: codec.ChunkLike) -> torch.Tensor:
                 piece = pieces.get(chunk.key)
                 if piece is None or piece.name not in flat or chunk.dtype != pb.BOOL:
                     raise InvalidArgument(f"{self.addresses[server]} sent an unexpected mask for {chunk.key!r}")
@@ -410,7 +407,7 @@ class PSClient:
                     next_log = now + self.config.wait_log_interval
                 time.sleep(pause)
 
-    def _call(self, server: int, call: Callable[[ps_pb2_grpc.ParameterServerStub], T]) -> T:
+    def _call(self, server: int, call: Callable[[wire.Stub], T]) -> T:
         try:
             return call(self._stubs[server])
         except grpc.RpcError as exc:
@@ -439,7 +436,7 @@ class PushStream:
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
         self._calls: list[grpc.Future] = []
         for server, stub in enumerate(client._stubs):
-            requests = client._messages(pb.PushRequest, header, self._arrivals(server), self._payloads, counted=True)
+            requests = client._messages(header, self._arrivals(server), self._payloads, counted=True)
             self._calls.append(stub.Push.future(requests, timeout=client.config.timeout))
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:

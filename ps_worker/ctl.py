@@ -82,7 +82,7 @@ def _pull_whole(
 ) -> None:
     """Pull a server's ranges into the whole tensors they belong to."""
 
-    def destination(chunk: pb.TensorChunk) -> torch.Tensor:
+    def destination(chunk: codec.ChunkLike) -> torch.Tensor:
         spec = specs[chunk.key]
         if spec.tensor not in whole:  # only masks are created here: parameters without one stay unmasked
             whole[spec.tensor] = torch.ones(tuple(spec.tensor_shape), dtype=torch.bool)

@@ -64,14 +64,16 @@ def _push(stub: ps_pb2_grpc.ParameterServerStub, chunks: list[pb.TensorChunk], w
 
 
 def _grad(spec: pb.KeySpec, dtype: torch.dtype = torch.float32, numel: int | None = None, fill: float = 1.0):  # type: ignore[no-untyped-def]
-    return list(codec.tensor_to_chunks(spec.key, torch.full((numel or spec.shape[0],), fill, dtype=dtype)))
+    return [
+        c.to_proto() for c in codec.tensor_to_chunks(spec.key, torch.full((numel or spec.shape[0],), fill, dtype=dtype))
+    ]
 
 
 BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[str, Any], grpc.StatusCode, str]] = {
     "wrong shape": (lambda s: _grad(s, numel=s.shape[0] + 1), {}, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
     "wrong dtype": (lambda s: _grad(s, dtype=torch.float64), {}, grpc.StatusCode.INVALID_ARGUMENT, "FLOAT64"),
     "unknown key": (
-        lambda s: list(codec.tensor_to_chunks("nope", torch.ones(3))),
+        lambda s: [c.to_proto() for c in codec.tensor_to_chunks("nope", torch.ones(3))],
         {},
         grpc.StatusCode.NOT_FOUND,
         "nope",
@@ -123,7 +125,7 @@ def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[
     yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=0, job=job))
     for key, value in values.items():
         for chunk in codec.tensor_to_chunks(key, value):
-            yield pb.InitRequest(chunks=[chunk])
+            yield pb.InitRequest(chunks=[chunk.to_proto()])
 
 
 def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ps_common import codec
+from ps_common import codec, wire
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
@@ -17,11 +17,17 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randint(0, 100, shape, dtype=dtype)
 
 
-def _round_trip(chunks: list[pb.TensorChunk]) -> dict[str, torch.Tensor]:
-    assembler = codec.ChunkAssembler(codec.new_tensor_for)
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.finish()
+def _round_trip(chunks: list[codec.ChunkLike]) -> dict[str, torch.Tensor]:
+    """Through the wire: encoded as PullResponses, decoded, assembled."""
+    frames = [wire.decode_pull(wire.encode_pull(wire.Frame(chunks=[_as_chunk(c)]))) for c in chunks]
+    return codec.receive(frames, codec.new_tensor_for)  # type: ignore[arg-type]
+
+
+def _as_chunk(chunk: codec.ChunkLike) -> codec.Chunk:
+    if isinstance(chunk, codec.Chunk):
+        return chunk
+    fields = ("key", "dtype", "shape", "offset", "data", "absent", "sparse", "indices", "length")
+    return codec.Chunk(**{name: getattr(chunk, name) for name in fields})
 
 
 def test_every_proto_dtype_has_a_torch_dtype() -> None:
@@ -48,7 +54,7 @@ def test_large_tensor_travels_in_chunks_no_bigger_than_asked() -> None:
 
 def test_default_chunk_fits_under_grpc_default_message_limit() -> None:
     chunk = next(codec.tensor_to_chunks("x" * 200, torch.zeros(2**21)))
-    assert chunk.ByteSize() < 4 * 2**20
+    assert chunk.to_proto().ByteSize() < 4 * 2**20
 
 
 def test_assembler_writes_into_given_destination() -> None:

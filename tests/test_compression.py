@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ps_common import codec
+from ps_common import codec, wire
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression, Compressor
@@ -16,7 +16,7 @@ CONFIG = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)  # piec
 
 def _round_trip(values: torch.Tensor, sparse: bool) -> torch.Tensor:
     chunks = list(codec.tensor_to_chunks("k", values, chunk_bytes=1000, sparse_if_smaller=sparse))
-    out = codec.receive([codec.pb.PullResponse(chunks=chunks)], codec.new_tensor_for)
+    out = codec.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], codec.new_tensor_for)  # type: ignore[list-item]
     return out["k"]
 
 

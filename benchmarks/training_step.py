@@ -1,0 +1,260 @@
+"""Data-parallel training step time with 2 workers: ours (1 server, BSP)
+against torch DDP over gloo and against a torch.distributed.rpc parameter
+server, same model (about 10M parameters), batch, data and optimizer, each
+run in this process tree one after the other. Also: scaling over workers
+and servers, and the server's peak memory against the bytes it must hold."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.rpc as rpc
+from torch import nn
+
+from benchmarks.common import Row, free_port, server_processes
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from ps_worker.compression import Compression
+
+BATCH = 32
+LR, MOMENTUM = 0.01, 0.9
+DDP_TARGET = 1 / 1.25  # at most 1.25x DDP's step time in fp32
+COMPRESSED_TARGET = 1.0  # at most DDP's (and the RPC server's) step time compressed
+MEMORY_TARGET = 1 / 1.3  # server peak memory at most 1.3x weights + optimizer state
+
+
+def build_model(width: int = 2048) -> nn.Module:
+    """An MLP of about 10M parameters at the default width."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(1024, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+        nn.Linear(width, 1024), nn.ReLU(), nn.Linear(1024, 1000),
+    )  # fmt: skip
+
+
+def _data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    return torch.randn(BATCH, 1024, generator=gen), torch.randint(0, 1000, (BATCH,), generator=gen)
+
+
+def _step_seconds(model: nn.Module, step: Callable[[], None], rank: int, steps: int) -> list[float]:
+    """Seconds of each training step: zero_grad, forward, backward, `step`."""
+    x, y = _data(rank)
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        step()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
+# -- the three systems, one worker process each ------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, steps: int, width: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(build_model(width))
+    opt = _sgd(model)
+    out.put(_step_seconds(model, opt.step, rank, steps))
+    dist.destroy_process_group()
+
+
+def _our_worker(rank: int, world: int, addresses: list[str], steps: int, width: int, out: Any, **options: Any) -> None:
+    torch.set_num_threads(1)
+    model = build_model(width)
+    with PSClient(addresses, rank, world, ClientConfig(timeout=120)) as client:
+        opt = DistributedOptimizer(_sgd(model), client, named_parameters=model.named_parameters(), mode="bsp",
+                                   **options)  # fmt: skip
+        out.put(_step_seconds(model, opt.step, rank, steps))
+        opt.close()
+
+
+class _RPCParameterServer:
+    """The design of PyTorch's batch-updating parameter-server tutorial: the
+    server sums the workers' gradients, steps once all have arrived, and
+    answers every worker's pending call with the new weights."""
+
+    def __init__(self, workers: int, width: int) -> None:
+        self.model = build_model(width)
+        self.opt = _sgd(self.model)
+        self.workers = workers
+        self.lock = threading.Lock()
+        self.arrived = 0
+        self.answer: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+
+    def push_and_pull(self, grads: list[torch.Tensor]) -> torch.futures.Future[list[torch.Tensor]]:
+        with self.lock:
+            for param, grad in zip(self.model.parameters(), grads, strict=True):
+                param.grad = grad if param.grad is None else param.grad.add_(grad)
+            self.arrived += 1
+            answer = self.answer
+            if self.arrived == self.workers:
+                for param in self.model.parameters():
+                    param.grad.div_(self.workers)  # type: ignore[union-attr]
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.arrived = 0
+                self.answer = torch.futures.Future()
+                answer.set_result([p.detach().clone() for p in self.model.parameters()])
+        return answer
+
+
+_RPC_SERVER: _RPCParameterServer | None = None
+
+
+@rpc.functions.async_execution
+def _rpc_push_and_pull(grads: list[torch.Tensor]) -> torch.futures.Future[list[torch.Tensor]]:
+    assert _RPC_SERVER is not None
+    return _RPC_SERVER.push_and_pull(grads)
+
+
+def _rpc_process(rank: int, world: int, port: int, steps: int, width: int, out: Any) -> None:
+    """Rank 0 is the server, ranks 1.. the workers."""
+    global _RPC_SERVER
+    torch.set_num_threads(1)
+    if rank == 0:
+        _RPC_SERVER = _RPCParameterServer(world - 1, width)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120)
+    rpc.init_rpc("ps" if rank == 0 else f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options)
+    if rank > 0:
+        model = build_model(width)
+        params = list(model.parameters())
+
+        def step() -> None:
+            fresh = rpc.rpc_sync("ps", _rpc_push_and_pull, args=([p.grad for p in params],))
+            with torch.no_grad():
+                for param, value in zip(params, fresh, strict=True):
+                    param.copy_(value)
+
+        out.put(_step_seconds(model, step, rank - 1, steps))
+    rpc.shutdown()
+
+
+def _run_processes(target: Callable[..., None], world: int, *args: Any, **kwargs: Any) -> list[list[float]]:
+    """Run `target(rank, world, *args, out, **kwargs)` in `world` processes; their reports."""
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    processes = [context.Process(target=target, args=(rank, world, *args, out), kwargs=kwargs) for rank in range(world)]
+    for process in processes:
+        process.start()
+    reports = []
+    try:
+        reporters = world - 1 if target is _rpc_process else world  # the RPC server reports nothing
+        reports = [out.get(timeout=600) for _ in range(reporters)]
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    if any(p.exitcode for p in processes):
+        raise RuntimeError(f"{target.__name__}: a process failed: exit codes {[p.exitcode for p in processes]}")
+    return reports
+
+
+def _median_step(reports: list[list[float]], warmup: int) -> float:
+    """The slowest worker's median step (in BSP all wait for it)."""
+    return max(statistics.median(times[warmup:]) for times in reports)
+
+
+def ddp_seconds(workers: int, steps: int, warmup: int, width: int = 2048) -> float:
+    return _median_step(_run_processes(_ddp_worker, workers, free_port(), steps, width), warmup)
+
+
+def rpc_seconds(workers: int, steps: int, warmup: int, width: int = 2048) -> float:
+    return _median_step(_run_processes(_rpc_process, workers + 1, free_port(), steps, width), warmup)
+
+
+def our_seconds(
+    workers: int, servers: int, steps: int, warmup: int, width: int = 2048, **options: Any
+) -> tuple[float, list[int]]:
+    """Median step and each server's peak RSS growth over its idle RSS, in bytes."""
+    with server_processes(servers) as (addresses, processes):
+        idle = [_rss(p.pid, "VmRSS") for p in processes]
+        reports = _run_processes(_our_worker, workers, addresses, steps, width, **options)
+        growth = [_rss(p.pid, "VmHWM") - before for p, before in zip(processes, idle, strict=True)]
+    return _median_step(reports, warmup), growth
+
+
+def _rss(pid: int, field: str) -> int:
+    """Bytes of VmRSS (now) or VmHWM (peak) of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "fp32 + overlap": {"overlap": True},
+    "bf16 + overlap": {"overlap": True, "compression": Compression("bf16")},
+    "top-1% + overlap": {"overlap": True, "compression": Compression("topk", 0.01)},
+}
+
+
+def run(quick: bool) -> list[Row]:
+    steps, warmup = (12, 4) if quick else (40, 8)
+    numel = sum(p.numel() for p in build_model().parameters())
+    size = f"{numel / 1e6:.1f}M-param MLP, batch {BATCH}/worker, 2 workers"
+    ddp = ddp_seconds(2, steps, warmup)
+    rpc_ps = rpc_seconds(2, steps, warmup)
+    ours = {name: our_seconds(2, 1, steps, warmup, **options)[0] for name, options in VARIANTS.items()}
+    ms = 1000
+
+    def row(name: str, us: float, baseline: float, target: float) -> Row:
+        return Row(name=name, ours=round(us * ms, 1), baseline=round(baseline * ms, 1), unit="ms/step",
+                   ratio=round(baseline / us, 3), target=target)  # fmt: skip
+
+    rows = [row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
+                DDP_TARGET if variant == "fp32" else COMPRESSED_TARGET)
+            for variant in ours]  # fmt: skip
+    rows.append(row(f"training step, {size}: overlap on vs off (fp32)", ours["fp32 + overlap"], ours["fp32"], 1.0))
+    rows.append(row(f"training step, {size}, fp32 vs torch.distributed.rpc parameter server", ours["fp32"], rpc_ps,
+                    1.0))  # fmt: skip
+    rows.append(row(f"training step, {size}, bf16 + overlap vs torch.distributed.rpc parameter server",
+                    ours["bf16 + overlap"], rpc_ps, 1.0))  # fmt: skip
+    return rows
+
+
+def run_scaling(quick: bool) -> list[Row]:
+    """Samples/s over workers and servers against one worker on one server,
+    and the server's peak memory growth against weights + momentum."""
+    width = 1024  # about 4M parameters: four workers fit two cores
+    steps, warmup = (10, 3) if quick else (30, 6)
+    grid = [(2, 1), (2, 2)] if quick else [(2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]
+    cores = os.cpu_count() or 1
+    numel = sum(p.numel() for p in build_model(width).parameters())
+    single, growth = our_seconds(1, 1, steps, warmup, width)
+    rows = []
+    for workers, servers in grid:
+        seconds, _ = our_seconds(workers, servers, steps, warmup, width)
+        # BSP: every worker does one batch per step.
+        ours, baseline = workers * BATCH / seconds, BATCH / single
+        rows.append(Row(
+            name=f"scaling: {workers} workers x {servers} servers vs 1 x 1 ({numel / 1e6:.1f}M params); "
+                 f"target: half of min(workers, {cores} cores)",
+            ours=round(ours, 1), baseline=round(baseline, 1), unit="samples/s", ratio=round(ours / baseline, 3),
+            target=0.5 * min(workers, cores),
+        ))  # fmt: skip
+    theoretical = 2 * 4 * numel  # fp32 weights + momentum
+    rows.append(Row(
+        name="server memory: weights + momentum vs peak RSS growth (1 worker, 1 server)",
+        ours=round(growth[0] / 2**20, 1), baseline=round(theoretical / 2**20, 1), unit="MiB",
+        ratio=round(theoretical / growth[0], 3), target=round(MEMORY_TARGET, 3),
+    ))  # fmt: skip
+    return rows

@@ -1,0 +1,74 @@
+"""The hand-written wire format of the bulk messages is protobuf's own: what
+we write the generated classes read, and what they write we read."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps_common import codec, wire
+from ps_common.proto import ps_pb2 as pb
+
+
+def _sample_frame() -> wire.Frame:
+    sparse = torch.zeros(1000)
+    sparse[::100] = 1.5
+    chunks = [
+        *codec.tensor_to_chunks("w[0:300]", torch.randn(300), chunk_bytes=512),
+        *codec.tensor_to_chunks("s", sparse, sparse_if_smaller=True),
+        codec.absent_chunk("bias"),
+        *codec.tensor_to_chunks("neg", torch.arange(-3, 3), chunk_bytes=16),
+    ]
+    header = pb.PushHeader(worker_id=3, step=-1 + 2**40, groups=[codec.options_to_proto({"lr": 0.1})])
+    return wire.Frame(header=header, chunks=chunks)
+
+
+def _proto(frame: wire.Frame) -> pb.PushRequest:
+    return pb.PushRequest(header=frame.header, chunks=[c.to_proto() for c in frame.chunks])
+
+
+def test_what_we_write_protobuf_reads() -> None:
+    frame = _sample_frame()
+    assert pb.PushRequest.FromString(wire.encode_push(frame)) == _proto(frame)
+
+
+def test_what_protobuf_writes_we_read() -> None:
+    frame = _sample_frame()
+    decoded = wire.decode_push(_proto(frame).SerializeToString())
+    assert isinstance(decoded, wire.Frame)
+    assert decoded.header == frame.header
+    assert [c.to_proto() for c in decoded.chunks] == [c.to_proto() for c in frame.chunks]
+
+
+def test_pull_responses_round_trip_without_a_header() -> None:
+    chunks = list(codec.tensor_to_chunks("k", torch.randn(50), chunk_bytes=64))
+    decoded = wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))
+    assert isinstance(decoded, wire.Frame) and decoded.header is None
+    assert pb.PullResponse.FromString(wire.encode_pull(wire.Frame(chunks=chunks))).chunks[0].key == "k"
+    assert torch.equal(codec.receive([decoded], codec.new_tensor_for)["k"], torch.cat([torch.randn(0)] + [
+        torch.frombuffer(bytearray(c.data), dtype=torch.float32) for c in chunks]))  # fmt: skip
+
+
+def test_unknown_fields_are_skipped_as_protobuf_does() -> None:
+    frame = _sample_frame()
+    extra = bytes([15 << 3 | 0, 42, 14 << 3 | 2, 3]) + b"abc"  # field 15 varint, field 14 bytes
+    decoded = wire.decode_push(extra + wire.encode_push(frame))
+    assert isinstance(decoded, wire.Frame) and len(decoded.chunks) == len(frame.chunks)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_are_called_malformed_never_raise(data: bytes) -> None:
+    for decode in (wire.decode_push, wire.decode_init, wire.decode_pull):
+        assert isinstance(decode(data), (wire.Frame, wire.Malformed))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_truncated_messages_are_malformed(data: st.DataObject) -> None:
+    encoded = wire.encode_push(_sample_frame())
+    cut = data.draw(st.integers(1, len(encoded) - 1))
+    decoded = wire.decode_push(encoded[:cut])
+    if isinstance(decoded, wire.Frame):  # a cut between fields is a valid, shorter message
+        assert pb.PushRequest.FromString(encoded[:cut]).chunks[-1].key == decoded.chunks[-1].key
