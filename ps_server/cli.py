@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import signal
 import sys
@@ -19,7 +21,20 @@ from ps_server.service import start_server
 log = logging.getLogger("ps_server")
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each of gRPC's handler threads its own malloc arena, and
+    memory freed into one arena is not reused by the others: with tensor-sized
+    buffers the server's peak RSS grows by tens of MB for nothing (measured in
+    benchmarks/training_step.py, at no cost in step time). Not glibc: no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _limit_malloc_arenas()
     config = parse_config(ServerConfig, "Run one parameter server.", argv)
     setup_logging(config.log_level, config.log_json)
     torch.set_num_threads(config.torch_threads)

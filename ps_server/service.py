@@ -25,6 +25,7 @@ from ps_common.proto import ps_pb2_grpc
 from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
 from ps_server.metrics import ServerMetrics
+from ps_server.optimizer import warm_up
 from ps_server.security import TokenInterceptor, credentials
 from ps_server.shard import Shard
 
@@ -226,6 +227,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         metrics_port = int(metrics_http.server_port)
     if checkpointer is not None:
         checkpointer.start()
+    warm_up()
     # Only now is the shard ready (restored, if there was a checkpoint).
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -57,7 +57,7 @@ def test_unknown_fields_are_skipped_as_protobuf_does() -> None:
     assert isinstance(decoded, wire.Frame) and len(decoded.chunks) == len(frame.chunks)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_are_called_malformed_never_raise(data: bytes) -> None:
     for decode in (wire.decode_push, wire.decode_init, wire.decode_pull):
@@ -71,4 +71,4 @@ def test_truncated_messages_are_malformed(data: st.DataObject) -> None:
     cut = data.draw(st.integers(1, len(encoded) - 1))
     decoded = wire.decode_push(encoded[:cut])
     if isinstance(decoded, wire.Frame):  # a cut between fields is a valid, shorter message
-        assert pb.PushRequest.FromString(encoded[:cut]).chunks[-1].key == decoded.chunks[-1].key
+        assert [c.key for c in pb.PushRequest.FromString(encoded[:cut]).chunks] == [c.key for c in decoded.chunks]
