@@ -189,6 +189,18 @@ decode_push = _decoder(pb.PushHeader, 2)
 decode_pull = _decoder(None, 1)
 
 
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer that answers Malformed instead of raising."""
+
+    def decode(data: bytes) -> Message | Malformed:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Malformed(f"malformed {message.DESCRIPTOR.name}: {exc}")
+
+    return decode
+
+
 def _decode_pull_strict(data: bytes) -> Frame:
     frame = decode_pull(data)
     if isinstance(frame, Malformed):
@@ -211,21 +223,22 @@ class Stub(ps_pb2_grpc.ParameterServerStub):
 
 
 def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
-    """Register `servicer`: Init and Push receive Frames (or Malformed), Pull
-    yields PullResponses already serialized."""
+    """Register `servicer`: every method receives its request or, for bytes
+    that do not parse, a Malformed; Init and Push receive Frames, Pull yields
+    PullResponses already serialized."""
     handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
-            servicer.Hello, pb.HelloRequest.FromString, pb.HelloResponse.SerializeToString
+            servicer.Hello, _lenient(pb.HelloRequest), pb.HelloResponse.SerializeToString
         ),
         "Init": grpc.stream_unary_rpc_method_handler(servicer.Init, decode_init, pb.InitResponse.SerializeToString),
         "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, decode_push, pb.PushResponse.SerializeToString),
         # The servicer serializes its answers itself (with encode_pull).
-        "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, pb.PullRequest.FromString, None),
+        "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, _lenient(pb.PullRequest), None),
         "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, pb.StatsRequest.FromString, pb.StatsResponse.SerializeToString
+            servicer.Stats, _lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
-            servicer.Checkpoint, pb.CheckpointRequest.FromString, pb.CheckpointResponse.SerializeToString
+            servicer.Checkpoint, _lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
         ),
     }
     missing = set(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name) - set(handlers)

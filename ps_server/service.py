@@ -32,22 +32,24 @@ from ps_server.shard import Shard
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _status_errors(method: F) -> F:
-    """Answer a PSError with its status code and message instead of UNKNOWN."""
+    """Answer a PSError with its status code and message instead of UNKNOWN,
+    and a request that did not parse with INVALID_ARGUMENT."""
 
     @functools.wraps(method)
     def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            return method(self, _parsed(request), context)
         except PSError as exc:
             self.reject(exc, context)
 
     @functools.wraps(method)
     def streaming(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            yield from method(self, request, context)
+            yield from method(self, _parsed(request), context)
         except PSError as exc:
             self.reject(exc, context)
 
@@ -59,10 +61,12 @@ def _check_protocol(version: int) -> None:
         raise InvalidArgument(f"client speaks protocol version {version}, this server speaks {PROTOCOL_VERSION}")
 
 
-def _parsed(message: wire.Frame | wire.Malformed) -> wire.Frame:
-    if isinstance(message, wire.Malformed):
-        raise InvalidArgument(message.reason)
-    return message
+def _parsed(request: T | wire.Malformed) -> T:
+    """The request, unless it did not parse. (A client stream's iterator
+    passes through; its messages are checked here one by one as read.)"""
+    if isinstance(request, wire.Malformed):
+        raise InvalidArgument(request.reason)
+    return request
 
 
 def _split_stream(requests: Iterator[wire.Frame | wire.Malformed], what: str) -> tuple[Any, Iterator[wire.Frame]]:

@@ -72,6 +72,13 @@ def test_random_bytes_never_take_the_server_down(server, method: str, payloads: 
     _still_serving(channel)
 
 
+@pytest.mark.parametrize("method", UNARY + CLIENT_STREAM + SERVER_STREAM)
+def test_bytes_that_do_not_parse_get_invalid_argument(server, method: str) -> None:  # type: ignore[no-untyped-def]
+    channel, _ = server
+    assert _call(channel, method, [b"\xff\xff\xff"]) == grpc.StatusCode.INVALID_ARGUMENT  # a truncated varint
+    _still_serving(channel)
+
+
 def _chunks(key: str) -> st.SearchStrategy[pb.TensorChunk]:
     return st.builds(
         pb.TensorChunk,
