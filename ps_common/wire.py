@@ -181,8 +181,8 @@ def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[
     return decode
 
 
-encode_init = _encoder(1, 2)
-encode_push = _encoder(1, 2)
+# InitRequest and PushRequest share their layout: header = 1, chunks = 2.
+encode_request = _encoder(1, 2)
 encode_pull = _encoder(None, 1)
 decode_init = _decoder(pb.InitHeader, 2)
 decode_push = _decoder(pb.PushHeader, 2)
@@ -217,8 +217,8 @@ class Stub(ps_pb2_grpc.ParameterServerStub):
     def __init__(self, channel: grpc.Channel) -> None:
         super().__init__(channel)  # type: ignore[no-untyped-call]
         prefix = f"/{SERVICE}/"
-        self.Init = channel.stream_unary(prefix + "Init", encode_init, pb.InitResponse.FromString)
-        self.Push = channel.stream_unary(prefix + "Push", encode_push, pb.PushResponse.FromString)
+        self.Init = channel.stream_unary(prefix + "Init", encode_request, pb.InitResponse.FromString)
+        self.Push = channel.stream_unary(prefix + "Push", encode_request, pb.PushResponse.FromString)
         self.Pull = channel.unary_stream(prefix + "Pull", pb.PullRequest.SerializeToString, _decode_pull_strict)
 
 

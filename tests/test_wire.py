@@ -30,7 +30,7 @@ def _proto(frame: wire.Frame) -> pb.PushRequest:
 
 def test_what_we_write_protobuf_reads() -> None:
     frame = _sample_frame()
-    assert pb.PushRequest.FromString(wire.encode_push(frame)) == _proto(frame)
+    assert pb.PushRequest.FromString(wire.encode_request(frame)) == _proto(frame)
 
 
 def test_what_protobuf_writes_we_read() -> None:
@@ -53,7 +53,7 @@ def test_pull_responses_round_trip_without_a_header() -> None:
 def test_unknown_fields_are_skipped_as_protobuf_does() -> None:
     frame = _sample_frame()
     extra = bytes([15 << 3 | 0, 42, 14 << 3 | 2, 3]) + b"abc"  # field 15 varint, field 14 bytes
-    decoded = wire.decode_push(extra + wire.encode_push(frame))
+    decoded = wire.decode_push(extra + wire.encode_request(frame))
     assert isinstance(decoded, wire.Frame) and len(decoded.chunks) == len(frame.chunks)
 
 
@@ -67,7 +67,7 @@ def test_any_bytes_decode_or_are_called_malformed_never_raise(data: bytes) -> No
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_truncated_messages_are_malformed(data: st.DataObject) -> None:
-    encoded = wire.encode_push(_sample_frame())
+    encoded = wire.encode_request(_sample_frame())
     cut = data.draw(st.integers(1, len(encoded) - 1))
     decoded = wire.decode_push(encoded[:cut])
     if isinstance(decoded, wire.Frame):  # a cut between fields is a valid, shorter message
