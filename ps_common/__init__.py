@@ -5,4 +5,4 @@ It must not import ps_server or ps_worker.
 """
 
 # Bumped on any incompatible change to proto/ps.proto; checked at handshake.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2

@@ -219,21 +219,27 @@ class Stub(ps_pb2_grpc.ParameterServerStub):
         prefix = f"/{SERVICE}/"
         self.Init = channel.stream_unary(prefix + "Init", encode_request, pb.InitResponse.FromString)
         self.Push = channel.stream_unary(prefix + "Push", encode_request, pb.PushResponse.FromString)
+        self.PushOne = channel.unary_unary(prefix + "PushOne", encode_request, pb.PushResponse.FromString)
         self.Pull = channel.unary_stream(prefix + "Pull", pb.PullRequest.SerializeToString, _decode_pull_strict)
+        self.PullOne = channel.unary_unary(prefix + "PullOne", pb.PullRequest.SerializeToString, _decode_pull_strict)
 
 
 def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
     """Register `servicer`: every method receives its request or, for bytes
-    that do not parse, a Malformed; Init and Push receive Frames, Pull yields
-    PullResponses already serialized."""
+    that do not parse, a Malformed; Init and Push receive Frames; Pull and
+    PullOne answer PullResponses already serialized."""
     handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
             servicer.Hello, _lenient(pb.HelloRequest), pb.HelloResponse.SerializeToString
         ),
         "Init": grpc.stream_unary_rpc_method_handler(servicer.Init, decode_init, pb.InitResponse.SerializeToString),
         "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, decode_push, pb.PushResponse.SerializeToString),
+        "PushOne": grpc.unary_unary_rpc_method_handler(
+            servicer.PushOne, decode_push, pb.PushResponse.SerializeToString
+        ),
         # The servicer serializes its answers itself (with encode_pull).
         "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, _lenient(pb.PullRequest), None),
+        "PullOne": grpc.unary_unary_rpc_method_handler(servicer.PullOne, _lenient(pb.PullRequest), None),
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, _lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
         ),

@@ -116,6 +116,13 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
 
     @_status_errors
     def Push(self, requests: Iterator[wire.Frame | wire.Malformed], context: grpc.ServicerContext) -> pb.PushResponse:
+        return self._push(requests)
+
+    @_status_errors
+    def PushOne(self, request: wire.Frame, context: grpc.ServicerContext) -> pb.PushResponse:
+        return self._push(iter([request]))
+
+    def _push(self, requests: Iterator[wire.Frame | wire.Malformed]) -> pb.PushResponse:
         header, messages = _split_stream(requests, "Push")
         assembler = codec.ChunkAssembler(self.shard.push_allocator)
         _assemble(messages, assembler)
@@ -126,6 +133,19 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
 
     @_status_errors
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from self._pull(request, context, self.config.chunk_bytes)
+
+    @_status_errors
+    def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
+        # One message: the limit is gRPC's message size, not --chunk-bytes.
+        messages = list(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES))
+        if len(messages) > 1:
+            raise InvalidArgument(f"the answer takes {len(messages)} messages; use Pull for keys this large")
+        return messages[0] if messages else b""
+
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int) -> Iterator[bytes]:
+        """The serialized PullResponses answering `request` (at most `chunk_bytes`
+        of tensor data each), once it may read."""
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -137,11 +157,9 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout, request.masks
         )
         chunks = (
-            chunk
-            for item in pulled
-            for chunk in codec.tensor_to_chunks(item.key, item.value, self.config.chunk_bytes, item.sparse)
+            chunk for item in pulled for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse)
         )
-        batches = codec.batched(chunks, self.config.chunk_bytes)
+        batches = codec.batched(chunks, chunk_bytes)
         sent = 0
         while True:
             # Chunks are views of the live weights: cut and serialize each

@@ -184,24 +184,45 @@ class PSClient:
         missing = set(self._pieces_of) - set(grads)
         if missing:
             raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
-        stream = self.push_stream(step, prune_thresholds)
+        payloads: dict[str, Payload | None] = {}
         for name, grad in grads.items():
-            stream.add(name, grad)
-        stream.finish()
+            payloads.update(self._encode(name, grad))
+        self._last_push = (self._push_header(step, prune_thresholds), payloads)
+        self._on_every_server(
+            lambda s: self._retry_while_waiting(s, f"to take the push of step {step}", lambda: self._push_to(s))
+        )
 
     def push_stream(self, step: int, prune_thresholds: Mapping[str, float] | None = None) -> PushStream:
         """Start the push of `step` now and feed it gradients as they are ready
         (`add`), e.g. from backward hooks; `finish` sends the rest as absent."""
-        header = pb.PushHeader(
+        return PushStream(self, self._push_header(step, prune_thresholds))
+
+    def _push_header(self, step: int, prune_thresholds: Mapping[str, float] | None) -> pb.PushHeader:
+        return pb.PushHeader(
             worker_id=self.worker_id, step=step, groups=self._group_options(), prune_thresholds=prune_thresholds
         )
-        return PushStream(self, header)
+
+    def _encode(self, name: str, grad: torch.Tensor | None) -> dict[str, Payload | None]:
+        """Payloads of parameter `name`'s pieces (compressed as the job says), by piece key."""
+        pieces = self._pieces_of.get(name)
+        if pieces is None:
+            raise InvalidArgument(f"push of unknown parameter {name!r}")
+        if grad is None:
+            return {piece.key: None for piece in pieces}
+        flat = _flat(grad, name)
+        if flat.numel() != pieces[-1].stop:
+            raise InvalidArgument(f"gradient of {name!r} has {flat.numel()} elements, expected {pieces[-1].stop}")
+        return {p.key: self._compressor.encode(p.key, flat[p.start : p.stop]) for p in pieces}
 
     def _push_to(self, server: int) -> None:
-        """Send the last push to one server, once."""
+        """Send the last push to one server, once: in one unary call when it
+        fits in one message (much faster in gRPC Python), else as a stream."""
         header, payloads = self._last_push  # type: ignore[misc]
-        stream = self._messages(header, self._pieces[server], payloads, counted=True)
-        self._call(server, lambda stub: stub.Push(stream, timeout=self.config.timeout))
+        messages = list(self._messages(header, self._pieces[server], payloads, counted=True))
+        if len(messages) == 1:
+            self._call(server, lambda stub: stub.PushOne(messages[0], timeout=self.config.timeout))
+        else:
+            self._call(server, lambda stub: stub.Push(iter(messages), timeout=self.config.timeout))
 
     def _messages(
         self,
@@ -272,6 +293,8 @@ class PSClient:
                     )
                 return dest
 
+            dense_bytes = sum(p.numel * flat[p.name].element_size() for p in pieces.values() if p.name in flat)
+            fits_one_message = dense_bytes <= codec.DEFAULT_CHUNK_BYTES  # what PullOne answers at most
             request = pb.PullRequest(
                 worker_id=self.worker_id,
                 step=step,
@@ -281,7 +304,12 @@ class PSClient:
             deadline = self.config.wait_log_interval + self.config.timeout
 
             def attempt(stub: wire.Stub) -> None:
-                codec.receive(stub.Pull(request, timeout=deadline), destination, lambda key: arrived(pieces[key]))
+                # One message is enough for a small model's share: a unary call is much faster.
+                call = stub.PullOne if fits_one_message else stub.Pull
+                responses = call(request, timeout=deadline)
+                if fits_one_message:
+                    responses = [responses]
+                codec.receive(responses, destination, lambda key: arrived(pieces[key]))
 
             server_was_down = False
 
@@ -441,17 +469,11 @@ class PushStream:
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:
         """This step's gradient of parameter `name` (a CPU tensor; None: no gradient)."""
-        pieces = self._client._pieces_of.get(name)
-        if pieces is None:
-            raise InvalidArgument(f"push of unknown parameter {name!r}")
-        if pieces[0].key in self._payloads:
+        pieces = self._client._pieces_of.get(name, [])
+        if pieces and pieces[0].key in self._payloads:
             raise InvalidArgument(f"gradient of {name!r} given twice in the push of step {self._header.step}")
-        flat = None if grad is None else _flat(grad, name)
-        if flat is not None and flat.numel() != pieces[-1].stop:
-            raise InvalidArgument(f"gradient of {name!r} has {flat.numel()} elements, expected {pieces[-1].stop}")
-        encode = self._client._compressor.encode
+        self._payloads.update(self._client._encode(name, grad))  # raises for an unknown name
         for piece in pieces:
-            self._payloads[piece.key] = None if flat is None else encode(piece.key, flat[piece.start : piece.stop])
             self._queues[piece.server].put(piece)
 
     def finish(self) -> None:

@@ -13,13 +13,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ps_common import PROTOCOL_VERSION
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_worker import DistributedOptimizer, PSClient
 from tests.training import small_model
 
 SERVICE = "/ps.v1.ParameterServer/"
-UNARY = ["Hello", "Stats", "Checkpoint"]
+UNARY = ["Hello", "Stats", "Checkpoint", "PushOne", "PullOne"]
 CLIENT_STREAM = ["Init", "Push"]
 SERVER_STREAM = ["Pull"]
 FUZZ = settings(
@@ -127,7 +128,7 @@ def test_well_formed_but_invalid_pulls_and_inits_get_a_proper_status(server, dat
         keys=[pb.KeySpec(key=key, dtype=data.draw(st.integers(-1, 13)),
                          shape=data.draw(st.lists(st.integers(-2, 9), max_size=2)))],
     )  # fmt: skip
-    init = [pb.InitRequest(header=pb.InitHeader(protocol_version=1, worker_id=0, job=job))]
+    init = [pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=0, job=job))]
     init += [pb.InitRequest(chunks=data.draw(st.lists(_chunks(key), max_size=2)))]
     code = _call(channel, "Init", [m.SerializeToString() for m in init])
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
