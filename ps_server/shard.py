@@ -43,8 +43,9 @@ class Slot:
     last_push: dict[int, int] = field(default_factory=dict)  # worker -> last step pushed
     mask: torch.Tensor | None = None  # pruning: True where the weight is kept
     prune_threshold: float | None = None  # BSP: to prune with once this step completes
-    # Restored from a checkpoint and not pushed since: the first push may be
-    # for a later step (the steps in between were lost with the crash).
+    # Restored from a checkpoint and not updated since: a BSP push may be for a
+    # later step (the steps in between were lost with the crash). Workers may
+    # be a step apart when the server died, so the latest step pushed wins.
     restored: bool = False
 
     def prune(self, threshold: float) -> None:
@@ -235,7 +236,6 @@ class Shard:
                     log.warning("key %s resumes at step %d: steps %d..%d were lost", slot.spec.key, step,
                                 slot.version, step - 1)  # fmt: skip
                     slot.version, slot.contributors, slot.grad_sum = step, 0, None
-                slot.restored = False
             self._seen(worker_id)
             checked = _Push(worker_id, step, options, fresh, grads, thresholds)
             if job.mode == pb.BSP:
@@ -285,6 +285,7 @@ class Shard:
         for slot in ready:
             slot.grad_sum, slot.contributors = None, 0
             slot.version += 1
+            slot.restored = False
 
     def _seen(self, worker_id: int) -> None:
         """Note that a worker is alive; a departed one rejoins."""
@@ -336,6 +337,7 @@ class Shard:
             slot.last_push[push.worker_id] = push.step
             if key in push.grads:
                 slot.version += 1
+                slot.restored = False
 
     def _step(
         self,

@@ -10,10 +10,12 @@ import grpc
 import pytest
 import torch
 
+from ps_common import codec
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
+from ps_server.shard import Shard
 from ps_server.storage import ShardState, latest_checkpoint, write_checkpoint
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.ctl import main as ctl_main
@@ -135,3 +137,24 @@ def test_ssp_push_older_than_the_bound_is_refused_and_changes_nothing() -> None:
         del opt_f
         client_f.close()
         client_s.close()
+
+
+def test_bsp_shard_restored_while_workers_were_a_step_apart_resumes_at_the_latest_step() -> None:
+    """The server died after step 2 completed: worker 0 had not read it yet and
+    pushes step 2 again, worker 1 had and pushes step 3. Both must be taken."""
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 0.1})])
+    job = pb.JobSpec(mode=pb.BSP, num_workers=2, optimizer=options,
+                     keys=[pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[4])])  # fmt: skip
+    shard = Shard()
+    shard.init(job, {"w": torch.zeros(4)})
+    for worker in (0, 1):
+        shard.push(worker, 0, [], {"w": torch.ones(4)})
+    state = shard.snapshot()
+    assert state is not None
+    restarted = Shard()
+    restarted.restore(state)  # at version 1: steps 1 and 2 are lost
+    restarted.push(0, 2, [], {"w": torch.ones(4)})
+    restarted.push(1, 3, [], {"w": torch.ones(4)})  # refused before: "which is at step 2"
+    assert restarted.pull(0, 3, [], False, timeout=1.0)[0].version == 3  # worker 0 may read step 3
+    restarted.push(0, 3, [], {"w": torch.ones(4)})
+    assert restarted.stats().keys[0].version == 4
