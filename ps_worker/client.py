@@ -2,7 +2,8 @@
 
 Three verbs, like ps-lite's Push/Pull: `init` declares the parameters and the
 optimizer (worker 0 uploads the initial values, the others wait for that),
-`push` sends one step's gradients, `pull` reads the weights the job's
+`push` sends one step's gradients (`push_stream` the same, fed gradient by
+gradient while backward runs), `pull` reads the weights the job's
 consistency mode allows into the given tensors. Calls to different servers
 run concurrently; every call has a deadline, and every wait logs what it
 waits for.
