@@ -26,7 +26,7 @@ class Row:
     target: float
 
 
-def median_seconds(run: Callable[[], None], repeats: int, warmup: int = 1) -> float:
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         run()
     times = []

@@ -117,7 +117,7 @@ class _RPCParameterServer:
 _RPC_SERVER: _RPCParameterServer | None = None
 
 
-@rpc.functions.async_execution
+@rpc.functions.async_execution  # type: ignore[untyped-decorator]
 def _rpc_push_and_pull(grads: list[torch.Tensor]) -> torch.futures.Future[list[torch.Tensor]]:
     assert _RPC_SERVER is not None
     return _RPC_SERVER.push_and_pull(grads)
@@ -130,7 +130,9 @@ def _rpc_process(rank: int, world: int, port: int, steps: int, width: int, out: 
     if rank == 0:
         _RPC_SERVER = _RPCParameterServer(world - 1, width)
     options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120)
-    rpc.init_rpc("ps" if rank == 0 else f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options)
+    rpc.init_rpc(  # type: ignore[no-untyped-call]
+        "ps" if rank == 0 else f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options
+    )
     if rank > 0:
         model = build_model(width)
         params = list(model.parameters())
