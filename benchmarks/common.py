@@ -37,6 +37,17 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """The median of each measurement taken `rounds` times, the measurements
+    taking turns: a comparison made minutes apart on a shared machine measures
+    the machine's swings as much as the code (we saw 2x between runs)."""
+    results: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            results[name].append(measure())
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

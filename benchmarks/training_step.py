@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from benchmarks.common import Row, free_port, server_processes
+from benchmarks.common import Row, free_port, interleaved, server_processes
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression
 
@@ -181,7 +182,11 @@ def rpc_seconds(workers: int, steps: int, warmup: int, width: int = 2048) -> flo
     return _median_step(_run_processes(_rpc_process, workers + 1, free_port(), steps, width), warmup)
 
 
-def our_seconds(
+def our_seconds(workers: int, servers: int, steps: int, warmup: int, width: int = 2048, **options: Any) -> float:
+    return our_run(workers, servers, steps, warmup, width, **options)[0]
+
+
+def our_run(
     workers: int, servers: int, steps: int, warmup: int, width: int = 2048, **options: Any
 ) -> tuple[float, list[int]]:
     """Median step and each server's peak RSS growth over its idle RSS, in bytes."""
@@ -210,13 +215,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def run(quick: bool) -> list[Row]:
-    steps, warmup = (10, 3) if quick else (40, 8)
+    steps, warmup = (10, 3) if quick else (25, 5)
     numel = sum(p.numel() for p in build_model().parameters())
     size = f"{numel / 1e6:.1f}M-param MLP, batch {BATCH}/worker, 2 workers"
-    ddp = ddp_seconds(2, steps, warmup)
-    rpc_ps = rpc_seconds(2, steps, warmup)
     variants = [v for v in VARIANTS if not (quick and v.startswith("top"))]  # top-k: the slow one
-    ours = {name: our_seconds(2, 1, steps, warmup, **VARIANTS[name])[0] for name in variants}
+    seconds = interleaved({
+        "ddp": lambda: ddp_seconds(2, steps, warmup),
+        "rpc": lambda: rpc_seconds(2, steps, warmup),
+        **{name: partial(our_seconds, 2, 1, steps, warmup, **VARIANTS[name]) for name in variants},
+    }, rounds=1 if quick else 3)  # fmt: skip
+    ddp, rpc_ps = seconds["ddp"], seconds["rpc"]
+    ours = {name: seconds[name] for name in variants}
     ms = 1000
 
     def row(name: str, us: float, baseline: float, target: float) -> Row:
@@ -242,18 +251,21 @@ def run_scaling(quick: bool) -> list[Row]:
     grid = [(2, 1)] if quick else [(2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]
     cores = os.cpu_count() or 1
     numel = sum(p.numel() for p in build_model(width).parameters())
-    single, growth = our_seconds(1, 1, steps, warmup, width)
+    seconds = interleaved({
+        f"{w}x{s}": partial(our_seconds, w, s, steps, warmup, width) for w, s in [(1, 1), *grid]
+    }, rounds=1 if quick else 2)  # fmt: skip
+    single = seconds["1x1"]
     rows = []
     for workers, servers in grid:
-        seconds, _ = our_seconds(workers, servers, steps, warmup, width)
         # BSP: every worker does one batch per step.
-        ours, baseline = workers * BATCH / seconds, BATCH / single
+        ours, baseline = workers * BATCH / seconds[f"{workers}x{servers}"], BATCH / single
         rows.append(Row(
             name=f"scaling: {workers} workers x {servers} servers vs 1 x 1 ({numel / 1e6:.1f}M params); "
                  f"target: half of min(workers, {cores} cores)",
             ours=round(ours, 1), baseline=round(baseline, 1), unit="samples/s", ratio=round(ours / baseline, 3),
             target=0.5 * min(workers, cores),
         ))  # fmt: skip
+    _, growth = our_run(1, 1, steps, warmup, width)
     theoretical = 2 * 4 * numel  # fp32 weights + momentum
     rows.append(Row(
         name="server memory: weights + momentum vs peak RSS growth (1 worker, 1 server)",

@@ -8,18 +8,17 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import socket
-import statistics
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import grpc
 import torch
 
-from benchmarks.common import Row, median_seconds, server_processes
+from benchmarks.common import Row, interleaved, median_seconds, server_processes
 from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
@@ -137,18 +136,9 @@ def _bare_grpc(nbytes: int, use_aio: bool) -> Iterator[Callable[[], None]]:
         process.join(timeout=30)
 
 
-def bare_grpc_seconds(nbytes: int, repeats: int) -> tuple[float, float]:
-    """Median round trip of `nbytes` through a thread-pool server and through a
-    grpc.aio server, their round trips interleaved so both see the same machine."""
-    with _bare_grpc(nbytes, use_aio=False) as pool, _bare_grpc(nbytes, use_aio=True) as aio:
-        times: dict[Callable[[], None], list[float]] = {pool: [], aio: []}
-        for repeat in range(repeats + 1):
-            for round_trip in (pool, aio):
-                started = time.perf_counter()
-                round_trip()
-                if repeat:  # the first is warm-up
-                    times[round_trip].append(time.perf_counter() - started)
-    return statistics.median(times[pool]), statistics.median(times[aio])
+def bare_grpc_seconds(nbytes: int, repeats: int, use_aio: bool = False) -> float:
+    with _bare_grpc(nbytes, use_aio) as round_trip:
+        return median_seconds(round_trip, repeats)
 
 
 def ours_seconds(nbytes: int, servers: int, repeats: int) -> float:
@@ -166,22 +156,30 @@ def _row(name: str, nbytes: int, ours: float, baseline: float, target: float = T
                unit="GB/s", ratio=round(baseline / ours, 3), target=target)  # fmt: skip
 
 
+def _all_seconds(nbytes: int, repeats: int, rounds: int) -> dict[str, float]:
+    return interleaved({
+        "raw": lambda: raw_tcp_seconds(nbytes, repeats),
+        "bare": lambda: bare_grpc_seconds(nbytes, repeats),
+        "aio": lambda: bare_grpc_seconds(nbytes, repeats, use_aio=True),
+        **{f"{s} server(s)": partial(ours_seconds, nbytes, s, repeats) for s in (1, 2)},
+    }, rounds)  # fmt: skip
+
+
 def run(quick: bool) -> list[Row]:
     sizes = [64] if quick else [64, 256]
+    repeats = 3 if quick else 5
     rows = []
     for mib in sizes:
         nbytes = mib * 2**20
-        repeats = 3 if quick else 5
-        raw = raw_tcp_seconds(nbytes, repeats)
-        bare, aio = bare_grpc_seconds(nbytes, 2 * repeats)
+        seconds = _all_seconds(nbytes, repeats, rounds=1 if quick else 3)
+        raw, bare = seconds["raw"], seconds["bare"]
         # Our servers run handlers on a thread pool rather than grpc.aio: this row is why.
         rows.append(_row(f"wire: bare gRPC Python, {mib} MiB up and back, thread-pool server (ours) vs grpc.aio server",
-                         nbytes, bare, aio, target=1.0))  # fmt: skip
-
+                         nbytes, bare, seconds["aio"], target=1.0))  # fmt: skip
         rows.append(_row(f"wire: bare gRPC Python, {mib} MiB up and back in 4 MiB messages vs raw TCP echo",
                          nbytes, bare, raw))  # fmt: skip
         for servers in (1, 2):
-            ours = ours_seconds(nbytes, servers, repeats)
+            ours = seconds[f"{servers} server(s)"]
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo", nbytes, ours, raw))
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs bare gRPC", nbytes, ours, bare))
     return rows
