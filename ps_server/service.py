@@ -72,9 +72,9 @@ def _parsed(request: T | wire.Malformed) -> T:
 def _split_stream(requests: Iterator[wire.Frame | wire.Malformed], what: str) -> tuple[Any, Iterator[wire.Frame]]:
     """The header of a client stream's first message, and every message."""
     first = next(requests, None)
-    if first is None or _parsed(first).header is None:
+    frame = None if first is None else _parsed(first)
+    if frame is None or frame.header is None:
         raise InvalidArgument(f"the first {what} message must carry the header")
-    frame = _parsed(first)
     return frame.header, itertools.chain([frame], map(_parsed, requests))
 
 
@@ -138,9 +138,10 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
     @_status_errors
     def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
         # One message: the limit is gRPC's message size, not --chunk-bytes.
-        messages = list(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES))
+        # A second message is enough to refuse; serializing the rest would be wasted.
+        messages = list(itertools.islice(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES), 2))
         if len(messages) > 1:
-            raise InvalidArgument(f"the answer takes {len(messages)} messages; use Pull for keys this large")
+            raise InvalidArgument("the answer takes more than one message; use Pull for keys this large")
         return messages[0] if messages else b""
 
     def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int) -> Iterator[bytes]:
@@ -213,9 +214,6 @@ class RunningServer:
             self._metrics_http.server_close()
 
 
-SERVICE_NAME = wire.SERVICE
-
-
 def start_server(config: ServerConfig) -> RunningServer:
     """Bind, start serving and return at once; health reports SERVING when ready."""
     metrics = ServerMetrics()
@@ -234,7 +232,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     wire.add_servicer(ParameterService(shard, config, checkpointer), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([wire.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     server_credentials = credentials(config)
     bind = f"{config.host}:{config.port}"
     port = server.add_secure_port(bind, server_credentials) if server_credentials else server.add_insecure_port(bind)
@@ -251,7 +249,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         checkpointer.start()
     warm_up()
     # Only now is the shard ready (restored, if there was a checkpoint).
-    for service in ("", SERVICE_NAME):
+    for service in ("", wire.SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
     log.info("parameter server listening on %s%s", address, f", metrics on :{metrics_port}" if metrics_port else "")
