@@ -160,10 +160,10 @@ def _read_chunk(view: memoryview) -> Chunk:
     )  # fmt: skip
 
 
-def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[bytes], Frame | Malformed]:
+def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[bytes | memoryview], Frame | Malformed]:
     header_field = 1
 
-    def decode(data: bytes) -> Frame | Malformed:
+    def decode(data: bytes | memoryview) -> Frame | Malformed:
         view = memoryview(data)
         frame = Frame()
         try:
@@ -189,7 +189,7 @@ decode_push = _decoder(pb.PushHeader, 2)
 decode_pull = _decoder(None, 1)
 
 
-def _lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
+def lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
     """A request deserializer that answers Malformed instead of raising."""
 
     def decode(data: bytes) -> Message | Malformed:
@@ -201,7 +201,7 @@ def _lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
     return decode
 
 
-def _decode_pull_strict(data: bytes) -> Frame:
+def decode_pull_strict(data: bytes | memoryview) -> Frame:
     frame = decode_pull(data)
     if isinstance(frame, Malformed):
         raise InvalidArgument(f"server sent a {frame.reason}")
@@ -220,8 +220,8 @@ class Stub(ps_pb2_grpc.ParameterServerStub):
         self.Init = channel.stream_unary(prefix + "Init", encode_request, pb.InitResponse.FromString)
         self.Push = channel.stream_unary(prefix + "Push", encode_request, pb.PushResponse.FromString)
         self.PushOne = channel.unary_unary(prefix + "PushOne", encode_request, pb.PushResponse.FromString)
-        self.Pull = channel.unary_stream(prefix + "Pull", pb.PullRequest.SerializeToString, _decode_pull_strict)
-        self.PullOne = channel.unary_unary(prefix + "PullOne", pb.PullRequest.SerializeToString, _decode_pull_strict)
+        self.Pull = channel.unary_stream(prefix + "Pull", pb.PullRequest.SerializeToString, decode_pull_strict)
+        self.PullOne = channel.unary_unary(prefix + "PullOne", pb.PullRequest.SerializeToString, decode_pull_strict)
 
 
 def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
@@ -230,7 +230,7 @@ def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Ser
     PullOne answer PullResponses already serialized."""
     handlers = {
         "Hello": grpc.unary_unary_rpc_method_handler(
-            servicer.Hello, _lenient(pb.HelloRequest), pb.HelloResponse.SerializeToString
+            servicer.Hello, lenient(pb.HelloRequest), pb.HelloResponse.SerializeToString
         ),
         "Init": grpc.stream_unary_rpc_method_handler(servicer.Init, decode_init, pb.InitResponse.SerializeToString),
         "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, decode_push, pb.PushResponse.SerializeToString),
@@ -238,13 +238,13 @@ def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Ser
             servicer.PushOne, decode_push, pb.PushResponse.SerializeToString
         ),
         # The servicer serializes its answers itself (with encode_pull).
-        "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, _lenient(pb.PullRequest), None),
-        "PullOne": grpc.unary_unary_rpc_method_handler(servicer.PullOne, _lenient(pb.PullRequest), None),
+        "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, lenient(pb.PullRequest), None),
+        "PullOne": grpc.unary_unary_rpc_method_handler(servicer.PullOne, lenient(pb.PullRequest), None),
         "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, _lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
+            servicer.Stats, lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
-            servicer.Checkpoint, _lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
+            servicer.Checkpoint, lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
         ),
     }
     missing = set(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name) - set(handlers)

@@ -24,6 +24,7 @@ from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
+from ps_server.data_server import DataServer
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import warm_up
 from ps_server.security import TokenInterceptor, credentials
@@ -91,6 +92,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self.shard = shard
         self.config = config
         self.checkpointer = checkpointer
+        self.data_port = 0  # announced in Hello once the data channel is up
 
     def reject(self, error: PSError, context: grpc.ServicerContext) -> None:
         """Count the refusal by status and end the call with it."""
@@ -101,7 +103,10 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
         _check_protocol(request.protocol_version)
         job, clock = self.shard.hello(request.worker_id, request.num_workers)
-        return pb.HelloResponse(protocol_version=PROTOCOL_VERSION, initialized=job is not None, job=job, clock=clock)
+        return pb.HelloResponse(
+            protocol_version=PROTOCOL_VERSION, initialized=job is not None, job=job, clock=clock,
+            data_port=self.data_port,
+        )  # fmt: skip
 
     @_status_errors
     def Init(self, requests: Iterator[wire.Frame | wire.Malformed], context: grpc.ServicerContext) -> pb.InitResponse:
@@ -199,12 +204,15 @@ class RunningServer:
     checkpointer: Checkpointer | None
     _executor: futures.ThreadPoolExecutor
     _metrics_http: Any = None
+    data_server: DataServer | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, wake waiting pulls, give in-flight calls `grace`
         seconds, then write a last checkpoint."""
         self.health.enter_graceful_shutdown()
         self.shard.close()
+        if self.data_server is not None:
+            self.data_server.stop(grace)
         self.server.stop(grace).wait()
         self._executor.shutdown(wait=True)
         if self.checkpointer is not None:
@@ -229,7 +237,8 @@ def start_server(config: ServerConfig) -> RunningServer:
     executor = futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="ps-server")
     interceptors = [TokenInterceptor(config.auth_token)] if config.auth_token else []
     server = grpc.server(executor, interceptors=interceptors)
-    wire.add_servicer(ParameterService(shard, config, checkpointer), server)
+    servicer = ParameterService(shard, config, checkpointer)
+    wire.add_servicer(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([wire.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -240,6 +249,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         executor.shutdown()
         raise OSError(f"could not bind {config.host}:{config.port}")
     server.start()
+    data_server = _start_data_channel(servicer, config)
     metrics_http = None
     metrics_port = None
     if config.metrics_port is not None:
@@ -252,7 +262,25 @@ def start_server(config: ServerConfig) -> RunningServer:
     for service in ("", wire.SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
-    log.info("parameter server listening on %s%s", address, f", metrics on :{metrics_port}" if metrics_port else "")
+    log.info(
+        "parameter server listening on %s%s%s", address,
+        f", data channel on :{data_server.port}" if data_server else "",
+        f", metrics on :{metrics_port}" if metrics_port else "",
+    )  # fmt: skip
     return RunningServer(
-        server, shard, health_servicer, port, address, metrics_port, checkpointer, executor, metrics_http
+        server, shard, health_servicer, port, address, metrics_port, checkpointer, executor, metrics_http, data_server
     )
+
+
+def _start_data_channel(service: ParameterService, config: ServerConfig) -> DataServer | None:
+    """The plain-TCP data channel for Push and Pull, unless turned off or the
+    server speaks TLS (the channel has no encryption; bulk data then stays on gRPC)."""
+    if not config.data_channel:
+        return None
+    if config.tls_cert:
+        log.info("no data channel: with TLS, Push and Pull stay on gRPC")
+        return None
+    data_server = DataServer(service, config.host, config.data_port, config.auth_token, config.threads)
+    data_server.start()
+    service.data_port = data_server.port
+    return data_server

@@ -30,6 +30,7 @@ from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unava
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.channel import open_channel
 from ps_worker.compression import Compression, Compressor, Payload
+from ps_worker.data_client import PushCall, ServerStub
 from ps_worker.pruning import PruningConfig
 from ps_worker.sharding import Piece, TensorInfo, plan_placement
 
@@ -54,6 +55,7 @@ class ClientConfig:
     tls_ca: str | None = setting(None, "PEM CA that signed the servers' certificates: connect with TLS")
     tls_cert: str | None = setting(None, "PEM client certificate, for servers that require mutual TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
+    data_channel: bool = setting(True, "push and pull over the servers' plain TCP data channel where they offer one")
 
     def channel(self, address: str) -> grpc.Channel:
         return open_channel(address, self.auth_token, self.tls_ca, self.tls_cert, self.tls_key)
@@ -74,7 +76,9 @@ class PSClient:
         self.num_workers = num_workers
         self.config = config or ClientConfig()
         self._channels = [self.config.channel(a) for a in self.addresses]
-        self._stubs = [wire.Stub(c) for c in self._channels]
+        self._stubs = [
+            self._stub(address, channel) for address, channel in zip(self.addresses, self._channels, strict=True)
+        ]
         self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
         self._pieces: list[list[Piece]] = []  # per server
         self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
@@ -304,12 +308,13 @@ class PSClient:
             )
             deadline = self.config.wait_log_interval + self.config.timeout
 
-            def attempt(stub: wire.Stub) -> None:
+            def attempt(stub: ServerStub) -> None:
                 # One message is enough for a small model's share: a unary call is much faster.
-                call = stub.PullOne if fits_one_message else stub.Pull
-                responses = call(request, timeout=deadline)
+                responses: Iterable[wire.Frame]
                 if fits_one_message:
-                    responses = [responses]
+                    responses = [stub.PullOne(request, timeout=deadline)]
+                else:
+                    responses = stub.Pull(request, timeout=deadline)
                 codec.receive(responses, destination, lambda key: arrived(pieces[key]))
 
             server_was_down = False
@@ -362,6 +367,8 @@ class PSClient:
         if self._heartbeat.is_alive():
             self._heartbeat.join()
         self._pool.shutdown(wait=True)
+        for stub in self._stubs:
+            stub.close()
         for channel in self._channels:
             channel.close()
 
@@ -374,6 +381,20 @@ class PSClient:
         self.close()
 
     # -- helpers --------------------------------------------------------------------
+
+    def _stub(self, address: str, channel: grpc.Channel) -> ServerStub:
+        """The server's stub: Push and Pull on its data channel if it has one."""
+        host = _host_of(address) if self.config.data_channel and self.config.tls_ca is None else None
+        request = pb.HelloRequest(
+            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
+        )
+
+        def data_port() -> int:
+            hello: pb.HelloResponse = stub.Hello(request, timeout=min(self.config.timeout, 5.0))
+            return hello.data_port
+
+        stub = ServerStub(channel, host, data_port, self.config.auth_token)
+        return stub
 
     def _group_options(self) -> list[pb.ParamGroup]:
         """The optimizer's current hyperparameters, only those torch declares as defaults
@@ -436,7 +457,7 @@ class PSClient:
                     next_log = now + self.config.wait_log_interval
                 time.sleep(pause)
 
-    def _call(self, server: int, call: Callable[[wire.Stub], T]) -> T:
+    def _call(self, server: int, call: Callable[[ServerStub], T]) -> T:
         try:
             return call(self._stubs[server])
         except grpc.RpcError as exc:
@@ -463,10 +484,10 @@ class PushStream:
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
-        self._calls: list[grpc.Future] = []
+        self._calls: list[PushCall] = []
         for server, stub in enumerate(client._stubs):
             requests = client._messages(header, self._arrivals(server), self._payloads, counted=True)
-            self._calls.append(stub.Push.future(requests, timeout=client.config.timeout))
+            self._calls.append(stub.push_future(requests, timeout=client.config.timeout))
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:
         """This step's gradient of parameter `name` (a CPU tensor; None: no gradient)."""
@@ -518,6 +539,15 @@ class PushStream:
             if piece is None:
                 return
             yield piece
+
+
+def _host_of(address: str) -> str | None:
+    """The host of a "host:port" address ("[v6]:port" too); None for other
+    gRPC targets (dns:///..., unix:...), which get no data channel."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in host or host.startswith(("dns:", "unix:", "ipv4:", "ipv6:")):
+        return None
+    return host.strip("[]")
 
 
 def _flat(tensor: torch.Tensor, name: str) -> torch.Tensor:

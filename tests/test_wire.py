@@ -82,7 +82,7 @@ def test_pull_one_answers_what_pull_streams_and_refuses_what_does_not_fit() -> N
     small, big = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(2 * 2**20))
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1) as client:
         DistributedOptimizer(torch.optim.SGD([small, big], lr=0.1), client, named_parameters=[("s", small), ("b", big)])
-        stub = client._stubs[0]
+        stub = wire.Stub(client._channels[0])  # gRPC's PullOne (the data channel has no size limit to refuse)
         request = pb.PullRequest(worker_id=0, step=0, keys=["s"])
         one = codec.receive([stub.PullOne(request, timeout=10)], codec.new_tensor_for)
         streamed = codec.receive(stub.Pull(request, timeout=10), codec.new_tensor_for)

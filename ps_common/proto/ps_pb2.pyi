@@ -175,16 +175,18 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("protocol_version", "initialized", "job", "clock")
+    __slots__ = ("protocol_version", "initialized", "job", "clock", "data_port")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     initialized: bool
     job: JobSpec
     clock: int
-    def __init__(self, protocol_version: _Optional[int] = ..., initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., clock: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, protocol_version: _Optional[int] = ..., initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class InitHeader(_message.Message):
     __slots__ = ("protocol_version", "worker_id", "job")
@@ -334,3 +336,21 @@ class CheckpointResponse(_message.Message):
     path: str
     version: int
     def __init__(self, path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class DataHeader(_message.Message):
+    __slots__ = ("method", "last", "code", "details", "body_length", "auth_token", "timeout")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    BODY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    last: bool
+    code: int
+    details: str
+    body_length: int
+    auth_token: str
+    timeout: float
+    def __init__(self, method: _Optional[str] = ..., last: _Optional[bool] = ..., code: _Optional[int] = ..., details: _Optional[str] = ..., body_length: _Optional[int] = ..., auth_token: _Optional[str] = ..., timeout: _Optional[float] = ...) -> None: ...

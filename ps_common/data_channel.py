@@ -1,0 +1,103 @@
+"""The data channel's framing, for both sides (DataHeader in proto/ps.proto).
+
+gRPC Python spends about twice a plain socket's CPU per byte it moves
+(benchmarks/wire.py measures both), and on a parameter server Push and Pull
+carry nearly every byte. So they may travel on a plain TCP connection beside
+gRPC: the same PushRequest/PullResponse messages, each after a small
+DataHeader, read into one buffer per message and written with sendall. The
+kernel's copies are the only ones on the way; the messages' 4 MiB limit is
+gRPC's default, so one chunking serves both transports.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from ps_common.codec import DEFAULT_CHUNK_BYTES
+from ps_common.proto import ps_pb2 as pb
+
+HEADER_LIMIT = 64 * 2**10
+BODY_LIMIT = DEFAULT_CHUNK_BYTES + 64 * 2**10  # gRPC's default message limit, 4 MiB
+_LENGTH = struct.Struct("<I")
+_SMALL = 64 * 2**10  # bodies up to this size go out with their header in one send
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ChannelError(grpc.RpcError):  # type: ignore[misc]
+    """A failed data-channel call, with a gRPC status: callers handle both
+    transports' failures alike."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class Closed(ConnectionError):
+    """The peer closed the connection."""
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def tune(sock: socket.socket) -> None:
+    """Send small messages (headers, answers) at once rather than after Nagle's wait."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def write(sock: socket.socket, header: pb.DataHeader, body: bytes | memoryview = b"") -> None:
+    """One message: length, header, body."""
+    header.body_length = len(body)
+    head = header.SerializeToString()
+    prefix = _LENGTH.pack(len(head)) + head
+    if len(body) <= _SMALL:
+        sock.sendall(prefix + bytes(body))
+    else:
+        sock.sendall(prefix)
+        sock.sendall(body)
+
+
+def read(stream: io.BufferedIOBase, body_limit: int = BODY_LIMIT) -> tuple[pb.DataHeader, memoryview]:
+    """One message. Raises Closed at a clean end of the stream before it,
+    ChannelError(INVALID_ARGUMENT) for a header or body that breaks the rules."""
+    prefix = stream.read(_LENGTH.size)
+    if not prefix:
+        raise Closed("connection closed")
+    (size,) = _LENGTH.unpack(_fill(stream, prefix, _LENGTH.size))
+    if size > HEADER_LIMIT:
+        raise ChannelError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"data header of {size} bytes; the limit is {HEADER_LIMIT}"
+        )
+    try:
+        header = pb.DataHeader.FromString(_fill(stream, b"", size))
+    except DecodeError as exc:
+        raise ChannelError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed data header: {exc}") from None
+    if header.body_length > body_limit:
+        raise ChannelError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"message of {header.body_length} bytes; the limit is {body_limit} (send chunks)",
+        )
+    body = bytearray(header.body_length)
+    if body and stream.readinto(body) != len(body):
+        raise Closed("connection closed in the middle of a message")
+    return header, memoryview(body)
+
+
+def _fill(stream: io.BufferedIOBase, start: bytes, size: int) -> bytes:
+    """`start` completed to `size` bytes from the stream."""
+    data = start + stream.read(size - len(start)) if len(start) < size else start
+    if len(data) != size:
+        raise Closed("connection closed in the middle of a message")
+    return data

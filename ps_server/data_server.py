@@ -1,0 +1,215 @@
+"""The server side of the data channel (ps_common.data_channel): Push and
+Pull on a plain TCP port, answered by the same ParameterService as on gRPC,
+so both transports share every check, status and counter.
+
+One thread per connection: a worker keeps one connection per concurrent
+call, and a waiting pull holds its thread, as it holds a gRPC handler thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import io
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
+
+import grpc
+
+from ps_common import data_channel, wire
+from ps_common.data_channel import ChannelError
+from ps_common.proto import ps_pb2 as pb
+
+if TYPE_CHECKING:
+    from ps_server.service import ParameterService
+
+log = logging.getLogger(__name__)
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _CallContext:
+    """What ParameterService asks of a gRPC ServicerContext."""
+
+    def __init__(self, timeout: float) -> None:
+        self._deadline = time.monotonic() + timeout if timeout > 0 else None
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
+class DataServer:
+    """Serves `service`'s Push and Pull on `host:port` (0: a free port) until stop()."""
+
+    def __init__(
+        self, service: ParameterService, host: str, port: int, auth_token: str | None, max_connections: int
+    ) -> None:
+        self._service = service
+        self._token = auth_token.encode() if auth_token else None
+        self._max_connections = max_connections
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family)
+        self.port: int = self._listener.getsockname()[1]
+        self._connections: set[socket.socket] = set()
+        self._busy = 0  # connections in the middle of a call
+        self.calls = 0  # calls served, answered OK or not
+        self._lock = threading.Condition()
+        self._stopped = False
+        self._acceptor = threading.Thread(target=self._accept, name="ps-data-accept", daemon=True)
+
+    def start(self) -> None:
+        self._acceptor.start()
+
+    def stop(self, grace: float | None) -> None:
+        """Stop accepting, give calls in flight `grace` seconds, then end every
+        connection (a call still in flight fails UNAVAILABLE on its client)."""
+        _shut(self._listener)  # wakes the thread blocked in accept()
+        self._listener.close()
+        self._acceptor.join(timeout=5)
+        with self._lock:
+            self._stopped = True
+            self._lock.wait_for(lambda: self._busy == 0, timeout=grace or 0)
+            connections = list(self._connections)
+        for sock in connections:
+            _shut(sock)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return  # the listener was shut down
+            data_channel.tune(sock)
+            with self._lock:
+                refused = self._stopped or len(self._connections) >= self._max_connections
+                if not refused:
+                    self._connections.add(sock)
+            if refused:
+                self._refuse(sock)
+                continue
+            threading.Thread(target=self._serve, args=(sock,), name="ps-data-conn", daemon=True).start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        with sock:
+            details = f"more than {self._max_connections} data connections; raise --threads"
+            self._answer_error(sock, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+    def _serve(self, sock: socket.socket) -> None:
+        """Calls one after another until the client leaves or a call fails."""
+        try:
+            with sock, cast(io.BufferedIOBase, sock.makefile("rb")) as stream:
+                while self._call(sock, stream):
+                    pass
+        except (data_channel.Closed, OSError) as exc:
+            log.debug("data connection ended: %s", exc)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+
+    def _call(self, sock: socket.socket, stream: io.BufferedIOBase) -> bool:
+        """Serve one call; False when the connection must close after it."""
+        try:
+            header, body = data_channel.read(stream)
+        except data_channel.Closed:
+            return False  # the client left between calls
+        except ChannelError as exc:
+            self._answer_error(sock, exc.code(), exc.details())
+            return False
+        with self._lock:
+            if self._stopped:
+                self._answer_error(sock, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                return False
+            self._busy += 1
+            self.calls += 1
+        try:
+            return self._dispatch(sock, stream, header, body)
+        finally:
+            with self._lock:
+                self._busy -= 1
+                self._lock.notify_all()
+
+    def _dispatch(
+        self, sock: socket.socket, stream: io.BufferedIOBase, header: pb.DataHeader, body: memoryview
+    ) -> bool:
+        context = _CallContext(header.timeout)
+        try:
+            self._authenticate(header)
+            if header.method == "Push":
+                response = self._service.Push(self._push_messages(stream, header, body), context)
+                data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
+            elif header.method == "Pull":
+                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(body)))  # Malformed: refused
+                for message in self._service.Pull(request, context):
+                    data_channel.write(sock, pb.DataHeader(), message)
+                data_channel.write(sock, pb.DataHeader(last=True))
+            else:
+                raise ChannelError(grpc.StatusCode.UNIMPLEMENTED, f"no method {header.method!r} on the data channel")
+        except _Aborted as exc:
+            self._answer_error(sock, exc.code, exc.details)
+            return False
+        except ChannelError as exc:
+            self._answer_error(sock, exc.code(), exc.details())
+            return False
+        except (data_channel.Closed, OSError):
+            raise  # the connection is gone: nothing to answer
+        except Exception as exc:  # a bug: answer as gRPC would, and keep serving others
+            log.exception("data channel %s failed", header.method)
+            self._answer_error(sock, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def _push_messages(
+        self, stream: io.BufferedIOBase, header: pb.DataHeader, body: memoryview
+    ) -> Iterator[wire.Frame | wire.Malformed]:
+        """The Push stream's messages, decoded as they arrive (until the one marked last)."""
+        while True:
+            if len(body) or not header.last:
+                yield wire.decode_push(body)
+            if header.last:
+                return
+            header, body = data_channel.read(stream)
+
+    def _authenticate(self, header: pb.DataHeader) -> None:
+        if self._token is not None and not hmac.compare_digest(header.auth_token.encode(), self._token):
+            raise ChannelError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (set PS_AUTH_TOKEN on the client)"
+            )
+
+    @staticmethod
+    def _answer_error(sock: socket.socket, code: grpc.StatusCode, details: str) -> None:
+        """Answer the status, then read what the client still sends (a push
+        refused after its first message, say) before the connection closes:
+        closing with unread input resets the connection, and the client
+        could lose the answer."""
+        try:
+            data_channel.write(sock, pb.DataHeader(last=True, code=_number(code), details=details))
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(_DRAIN_SECONDS)
+            deadline = time.monotonic() + _DRAIN_SECONDS
+            while time.monotonic() < deadline and sock.recv(2**20):
+                pass
+        except OSError:
+            pass  # the client is gone, or too slow to wait for: nothing more to tell
+
+
+_DRAIN_SECONDS = 2.0
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # not connected, or already closed by the peer
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _number(code: grpc.StatusCode) -> int:
+    return int(code.value[0])

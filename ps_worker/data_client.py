@@ -1,0 +1,211 @@
+"""The worker side of the data channel (ps_common.data_channel).
+
+`ServerStub` is what PSClient calls a server through: wire.Stub's methods,
+with Push and Pull moved to the server's data channel when it offers one
+(its Hello says on which port) and gRPC otherwise. Both transports raise
+grpc.RpcError with a status, so callers cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import grpc
+
+from ps_common import data_channel, wire
+from ps_common.data_channel import ChannelError
+from ps_common.proto import ps_pb2 as pb
+
+_UNRESOLVED = -1
+
+
+class PushCall(Protocol):
+    """A push in flight (a grpc.Future on gRPC)."""
+
+    def result(self, timeout: float | None = None) -> Any: ...
+    def done(self) -> bool: ...
+    def cancel(self) -> bool: ...
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.stream = sock.makefile("rb")
+
+    def close(self) -> None:
+        self.stream.close()
+        self.sock.close()
+
+
+class _DataPush:
+    """A data-channel push running on its own thread; `cancel` makes sure the
+    server applies none of it (it never sees the stream's end)."""
+
+    def __init__(self, stub: ServerStub, frames: Iterator[wire.Frame], timeout: float) -> None:
+        self.cancelled = threading.Event()
+        self.connection: _Connection | None = None
+        self._future = stub._pushers.submit(stub._push, frames, timeout, self)
+
+    def result(self, timeout: float | None = None) -> pb.PushResponse:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        self.cancelled.set()
+        connection = self.connection
+        if connection is not None:
+            with contextlib.suppress(OSError):  # already closed
+                connection.sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+
+class ServerStub:
+    """One server's methods. `data_port()` asks the server (Hello) for its
+    data channel's port; None means gRPC only (TLS, or turned off)."""
+
+    def __init__(self, channel: grpc.Channel, host: str | None, data_port: Callable[[], int] | None,
+                 auth_token: str | None) -> None:  # fmt: skip
+        self._grpc = wire.Stub(channel)
+        self.Hello = self._grpc.Hello
+        self.Init = self._grpc.Init
+        self.Stats = self._grpc.Stats
+        self.Checkpoint = self._grpc.Checkpoint
+        self._host = host
+        self._resolve = data_port if host is not None else None
+        self._port = _UNRESOLVED
+        self._token = auth_token or ""
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._pushers = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-data-push")
+
+    # -- the methods, with wire.Stub's signatures --------------------------------------
+
+    def Push(self, frames: Iterable[wire.Frame], timeout: float) -> pb.PushResponse:
+        if not self._has_data_channel():
+            return self._grpc.Push(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
+        return self._push(iter(frames), timeout, None)
+
+    def PushOne(self, frame: wire.Frame, timeout: float) -> pb.PushResponse:
+        if not self._has_data_channel():
+            return self._grpc.PushOne(frame, timeout=timeout)  # type: ignore[no-any-return]
+        return self._push(iter([frame]), timeout, None)
+
+    def push_future(self, frames: Iterator[wire.Frame], timeout: float) -> PushCall:
+        """Push `frames` as the iterator yields them, from another thread."""
+        if not self._has_data_channel():
+            return self._grpc.Push.future(frames, timeout=timeout)  # type: ignore[no-any-return]
+        return _DataPush(self, frames, timeout)
+
+    def Pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
+        if not self._has_data_channel():
+            return self._grpc.Pull(request, timeout=timeout)  # type: ignore[no-any-return]
+        return self._pull(request, timeout)
+
+    def PullOne(self, request: pb.PullRequest, timeout: float) -> wire.Frame:
+        if not self._has_data_channel():
+            return self._grpc.PullOne(request, timeout=timeout)  # type: ignore[no-any-return]
+        return wire.Frame(chunks=[chunk for frame in self._pull(request, timeout) for chunk in frame.chunks])
+
+    def close(self) -> None:
+        self._pushers.shutdown(wait=True)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    # -- the data channel ------------------------------------------------------------
+
+    def _has_data_channel(self) -> bool:
+        if self._resolve is None:
+            return False
+        if self._port == _UNRESOLVED:
+            self._port = self._resolve()  # a gRPC error here is the caller's, as for any call
+        return self._port != 0
+
+    def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None) -> pb.PushResponse:
+        with self._connected(timeout) as connection:
+            if call is not None:
+                call.connection = connection
+            first = True
+            for frame in frames:
+                header = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout) if first else None
+                self._send(connection, header or pb.DataHeader(), wire.encode_request(frame))
+                first = False
+            if call is not None and call.cancelled.is_set():
+                raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
+            last = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout) if first else pb.DataHeader()
+            last.last = True
+            self._send(connection, last)
+            _, body = self._answer(connection)
+            return pb.PushResponse.FromString(bytes(body))
+
+    def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
+        with self._connected(timeout) as connection:
+            header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
+            self._send(connection, header, request.SerializeToString())
+            while True:
+                header, body = self._answer(connection)
+                if header.last:
+                    return
+                yield wire.decode_pull_strict(body)
+
+    def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes = b"") -> None:
+        try:
+            data_channel.write(connection.sock, header, body)
+        except OSError:
+            # A server that refused the call early answers, then closes: its
+            # answer says why better than the broken pipe.
+            self._answer(connection)
+            raise
+
+    def _answer(self, connection: _Connection) -> tuple[pb.DataHeader, memoryview]:
+        """The server's next message; its status raised as a ChannelError."""
+        header, body = data_channel.read(connection.stream)
+        if header.last and header.code != 0:
+            raise ChannelError(data_channel.status_code(header.code), header.details)
+        return header, body
+
+    @contextmanager
+    def _connected(self, timeout: float) -> Iterator[_Connection]:
+        """A connection for one call: back to the pool after a clean call,
+        closed after anything else (its position in the stream is unknown)."""
+        connection = self._checkout(timeout)
+        try:
+            yield connection
+        except TimeoutError:
+            connection.close()
+            raise ChannelError(grpc.StatusCode.DEADLINE_EXCEEDED, "data channel call timed out") from None
+        except OSError as exc:  # data_channel.Closed included
+            connection.close()
+            raise ChannelError(grpc.StatusCode.UNAVAILABLE, f"data channel connection lost: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            self._idle.append(connection)
+
+    def _checkout(self, timeout: float) -> _Connection:
+        with self._lock:
+            connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            assert self._host is not None
+            try:
+                sock = socket.create_connection((self._host, self._port), timeout=min(timeout, 10.0))
+            except OSError as exc:
+                where = f"{self._host}:{self._port}"
+                self._port = _UNRESOLVED  # a restarted server may listen elsewhere: ask again next time
+                raise ChannelError(
+                    grpc.StatusCode.UNAVAILABLE, f"cannot reach the data channel at {where}: {exc}"
+                ) from None
+            data_channel.tune(sock)
+            connection = _Connection(sock)
+        connection.sock.settimeout(timeout)
+        return connection

@@ -1,0 +1,41 @@
+"""Calls on a server's data channel written by hand, frame by frame, so
+tests can send what our own client never would."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+
+from ps_common import data_channel
+from ps_common.proto import ps_pb2 as pb
+
+
+def data_call(
+    port: int, method: str, bodies: list[bytes], token: str = "", end: bool = True
+) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """Send `bodies` as one call's messages (then, with `end`, the message
+    marked last); the server's status, its details and its answer's bodies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
+        for index, body in enumerate(bodies):
+            data_channel.write(sock, pb.DataHeader(method=method if index == 0 else "", auth_token=token), body)
+        if end:
+            data_channel.write(sock, pb.DataHeader(method="" if bodies else method, auth_token=token, last=True))
+        answers = []
+        while True:
+            header, body = data_channel.read(stream)
+            if header.last:
+                return data_channel.status_code(header.code), header.details, answers
+            answers.append(bytes(body))
+
+
+def data_pull(port: int, request: pb.PullRequest) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """A Pull: one message, marked last, carrying the request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
+        data_channel.write(sock, pb.DataHeader(method="Pull", last=True), request.SerializeToString())
+        answers = []
+        while True:
+            header, body = data_channel.read(stream)
+            if header.last:
+                return data_channel.status_code(header.code), header.details, answers
+            answers.append(bytes(body))

@@ -1,0 +1,198 @@
+"""The data channel (Push and Pull on plain TCP beside gRPC): the same
+answers and the same weights as gRPC, clear statuses for hostile frames,
+and nothing applied from a push that does not end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ps_common import codec, data_channel
+from ps_common.proto import ps_pb2 as pb
+from ps_server.config import ServerConfig
+from ps_server.harness import InProcessCluster
+from ps_server.service import RunningServer, start_server
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from tests.raw_data_channel import data_call, data_pull
+from tests.test_bad_input import _assert_same, _snapshot
+from tests.training import SPLITTING, batches, loss_of, small_model, train_distributed
+
+FUZZ = settings(
+    max_examples=int(os.environ.get("PS_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[RunningServer, str]]:
+    """One server after a step of one of two workers; its first key."""
+    with InProcessCluster(num_servers=1) as cluster:
+        model = small_model()
+        with PSClient(cluster.addresses, 0, 2) as client:
+            opt = DistributedOptimizer(torch.optim.Adam(model.parameters()), client,
+                                       named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
+            (x, y), = batches(1, batch=4)  # fmt: skip
+            loss_of(model, x, y).backward()
+            opt.step()
+            yield cluster.servers[0], cluster.servers[0].shard.job.keys[0].key
+
+
+def _port(server: RunningServer) -> int:
+    assert server.data_server is not None
+    return server.data_server.port
+
+
+def _unchanged(before: dict, server: RunningServer) -> None:  # type: ignore[type-arg]
+    """The shard as `before`, but for the pulls _still_serving made."""
+    after = _snapshot(server.shard)
+    for snapshot in (before, after):
+        snapshot["counters"] = {k: v for k, v in snapshot["counters"].items() if k not in ("pulls", "bytes_out")}
+    _assert_same(before, after)
+
+
+def _still_serving(server: RunningServer) -> None:
+    code, details, answers = data_pull(_port(server), pb.PullRequest(worker_id=0, step=0))
+    assert code == grpc.StatusCode.OK, details
+    assert answers
+
+
+def _weights(config: ClientConfig) -> list[torch.Tensor]:
+    model = small_model()
+    with InProcessCluster(num_servers=2) as cluster:
+        train_distributed(cluster.addresses, model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                          batches(20, batch=8), config=config)  # fmt: skip
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_data_channel_and_grpc_train_the_same_weights() -> None:
+    over_data = _weights(SPLITTING)
+    over_grpc = _weights(dataclasses.replace(SPLITTING, data_channel=False))
+    assert all(torch.equal(a, b) for a, b in zip(over_data, over_grpc, strict=True))
+    assert not torch.equal(over_data[0], small_model()[0].weight)  # it did train
+
+
+def test_pushes_and_pulls_take_the_data_channel_when_offered() -> None:
+    model = small_model()
+    with InProcessCluster(num_servers=1) as cluster:
+        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+        data_server = cluster.servers[0].data_server
+        assert data_server is not None and data_server.calls == 3 + 1 + 3  # pushes, first pull, pulls
+    with InProcessCluster(num_servers=1, config=ServerConfig(data_channel=False)) as cluster:
+        assert cluster.servers[0].data_server is None
+        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+
+
+def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> None:  # type: ignore[no-untyped-def]
+    running, _ = server
+    before = _snapshot(running.shard)
+    port = _port(running)
+    assert data_call(port, "Checkpoint", [b""])[0] == grpc.StatusCode.UNIMPLEMENTED
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
+        sock.sendall(struct.pack("<I", data_channel.HEADER_LIMIT + 1))
+        header, _ = data_channel.read(stream)
+        assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
+        head = pb.DataHeader(method="Push", body_length=data_channel.BODY_LIMIT + 1).SerializeToString()
+        sock.sendall(struct.pack("<I", len(head)) + head)
+        header, _ = data_channel.read(stream)
+        assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
+    _still_serving(running)
+    _unchanged(before, running)
+
+
+def test_the_data_channel_requires_the_token() -> None:
+    with InProcessCluster(num_servers=1, config=ServerConfig(auth_token="s3cret")) as cluster:
+        port = _port(cluster.servers[0])
+        code, details, _ = data_pull(port, pb.PullRequest())
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in details
+        assert data_call(port, "Pull", [pb.PullRequest().SerializeToString()], token="s3cret")[0] != (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def test_a_push_cut_off_in_the_middle_applies_nothing(server) -> None:  # type: ignore[no-untyped-def]
+    running, key = server
+    before = _snapshot(running.shard)
+    spec = next(k for k in running.shard.job.keys if k.key == key)
+    grad = torch.ones(spec.shape[0])
+    request = pb.PushRequest(header=pb.PushHeader(worker_id=1, step=0),
+                             chunks=[c.to_proto() for c in codec.tensor_to_chunks(key, grad)])  # fmt: skip
+    with socket.create_connection(("127.0.0.1", _port(running)), timeout=10) as sock:
+        data_channel.write(sock, pb.DataHeader(method="Push"), request.SerializeToString())
+    # The connection closed before the message marked last: the server must not apply it.
+    _still_serving(running)
+    _unchanged(before, running)
+
+
+def test_a_cancelled_push_stream_applies_nothing() -> None:
+    model = small_model()
+    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                   named_parameters=model.named_parameters(), overlap=True)  # fmt: skip
+        before = _snapshot(cluster.servers[0].shard)
+        (x, y), = batches(1, batch=4)  # fmt: skip
+        loss_of(model, x, y).backward()  # the hooks start a push
+        opt.close()  # abandons it
+        _assert_same(before, _snapshot(cluster.servers[0].shard))
+
+
+def test_a_restarted_server_on_a_new_data_port_is_found_again() -> None:
+    config = dataclasses.replace(ServerConfig(), host="127.0.0.1", port=0)
+    first = start_server(config)
+    model = small_model()
+    opt_config = dataclasses.replace(SPLITTING, wait_log_interval=1.0)
+    try:
+        with PSClient([first.address], 0, 1, opt_config) as client:
+            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                       named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
+            (x, y), = batches(1, batch=4)  # fmt: skip
+            loss_of(model, x, y).backward()
+            opt.step()
+            old_port = _port(first)
+            first.stop(grace=0)
+            first = start_server(dataclasses.replace(config, port=first.port))
+            assert _port(first) != old_port
+            # The new server has no job: its Hello, asked again, gives the new port and the
+            # call is answered there (not initialized), rather than failing to connect.
+            with pytest.raises(Exception, match="not been initialized"):
+                opt.step()
+    finally:
+        first.stop(grace=0)
+
+
+@FUZZ
+@given(frames=st.lists(st.binary(max_size=64), min_size=1, max_size=4))
+def test_random_frames_never_take_the_data_channel_down(server, frames: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    running, _ = server
+    with socket.create_connection(("127.0.0.1", _port(running)), timeout=10) as sock, sock.makefile("rb") as stream:
+        for frame in frames:
+            sock.sendall(frame)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            header, _ = data_channel.read(stream)
+            assert data_channel.status_code(header.code) not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+        except data_channel.Closed:
+            pass  # too short to be a message: the server just closed
+    _still_serving(running)
+
+
+@FUZZ
+@given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(["Push", "Pull"]))
+def test_random_bodies_get_a_status_and_change_nothing(server, bodies: list[bytes], method: str) -> None:  # type: ignore[no-untyped-def]
+    running, _ = server
+    before = _snapshot(running.shard)
+    code, _, _ = data_call(_port(running), method, bodies)
+    assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    _still_serving(running)
+    if code != grpc.StatusCode.OK:
+        _unchanged(before, running)
