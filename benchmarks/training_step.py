@@ -209,6 +209,7 @@ def _rss(pid: int, field: str) -> int:
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {},
     "fp32 + overlap": {"overlap": True},
+    "bf16": {"compression": Compression("bf16")},
     "bf16 + overlap": {"overlap": True, "compression": Compression("bf16")},
     "top-1% + overlap": {"overlap": True, "compression": Compression("topk", 0.01)},
 }

@@ -109,7 +109,8 @@ class DataServer:
         """Calls one after another until the client leaves or a call fails."""
         try:
             with sock, cast(io.BufferedIOBase, sock.makefile("rb")) as stream:
-                while self._call(sock, stream):
+                receiver = data_channel.Receiver(stream)
+                while self._call(sock, receiver):
                     pass
         except (data_channel.Closed, OSError) as exc:
             log.debug("data connection ended: %s", exc)
@@ -117,10 +118,10 @@ class DataServer:
             with self._lock:
                 self._connections.discard(sock)
 
-    def _call(self, sock: socket.socket, stream: io.BufferedIOBase) -> bool:
+    def _call(self, sock: socket.socket, receiver: data_channel.Receiver) -> bool:
         """Serve one call; False when the connection must close after it."""
         try:
-            header, body = data_channel.read(stream)
+            header, body = receiver.read()
         except data_channel.Closed:
             return False  # the client left between calls
         except ChannelError as exc:
@@ -133,20 +134,20 @@ class DataServer:
             self._busy += 1
             self.calls += 1
         try:
-            return self._dispatch(sock, stream, header, body)
+            return self._dispatch(sock, receiver, header, body)
         finally:
             with self._lock:
                 self._busy -= 1
                 self._lock.notify_all()
 
     def _dispatch(
-        self, sock: socket.socket, stream: io.BufferedIOBase, header: pb.DataHeader, body: memoryview
+        self, sock: socket.socket, receiver: data_channel.Receiver, header: pb.DataHeader, body: memoryview
     ) -> bool:
         context = _CallContext(header.timeout)
         try:
             self._authenticate(header)
             if header.method == "Push":
-                response = self._service.Push(self._push_messages(stream, header, body), context)
+                response = self._service.Push(self._push_messages(receiver, header, body), context)
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Pull":
                 request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(body)))  # Malformed: refused
@@ -170,15 +171,16 @@ class DataServer:
         return True
 
     def _push_messages(
-        self, stream: io.BufferedIOBase, header: pb.DataHeader, body: memoryview
+        self, receiver: data_channel.Receiver, header: pb.DataHeader, body: memoryview
     ) -> Iterator[wire.Frame | wire.Malformed]:
-        """The Push stream's messages, decoded as they arrive (until the one marked last)."""
+        """The Push stream's messages, decoded as they arrive (until the one
+        marked last); each is used up before the next read reuses its buffer."""
         while True:
             if len(body) or not header.last:
                 yield wire.decode_push(body)
             if header.last:
                 return
-            header, body = data_channel.read(stream)
+            header, body = receiver.read()
 
     def _authenticate(self, header: pb.DataHeader) -> None:
         if self._token is not None and not hmac.compare_digest(header.auth_token.encode(), self._token):

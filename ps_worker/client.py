@@ -220,14 +220,10 @@ class PSClient:
         return {p.key: self._compressor.encode(p.key, flat[p.start : p.stop]) for p in pieces}
 
     def _push_to(self, server: int) -> None:
-        """Send the last push to one server, once: in one unary call when it
-        fits in one message (much faster in gRPC Python), else as a stream."""
+        """Send the last push to one server, once."""
         header, payloads = self._last_push  # type: ignore[misc]
         messages = list(self._messages(header, self._pieces[server], payloads, counted=True))
-        if len(messages) == 1:
-            self._call(server, lambda stub: stub.PushOne(messages[0], timeout=self.config.timeout))
-        else:
-            self._call(server, lambda stub: stub.Push(iter(messages), timeout=self.config.timeout))
+        self._call(server, lambda stub: stub.push(messages, timeout=self.config.timeout))
 
     def _messages(
         self,
@@ -309,12 +305,7 @@ class PSClient:
             deadline = self.config.wait_log_interval + self.config.timeout
 
             def attempt(stub: ServerStub) -> None:
-                # One message is enough for a small model's share: a unary call is much faster.
-                responses: Iterable[wire.Frame]
-                if fits_one_message:
-                    responses = [stub.PullOne(request, timeout=deadline)]
-                else:
-                    responses = stub.Pull(request, timeout=deadline)
+                responses = stub.pull(request, timeout=deadline, one_message=fits_one_message)
                 codec.receive(responses, destination, lambda key: arrived(pieces[key]))
 
             server_was_down = False
@@ -351,7 +342,7 @@ class PSClient:
                 return flat[piece.name][piece.start : piece.stop]
 
             request = pb.PullRequest(worker_id=self.worker_id, masks=True)
-            self._call(server, lambda stub: codec.receive(stub.Pull(request, timeout=self.config.timeout), destination))
+            self._call(server, lambda stub: codec.receive(stub.pull(request, self.config.timeout), destination))
 
         self._on_every_server(pull_server)
         return masks

@@ -1,9 +1,9 @@
 """The worker side of the data channel (ps_common.data_channel).
 
-`ServerStub` is what PSClient calls a server through: wire.Stub's methods,
-with Push and Pull moved to the server's data channel when it offers one
-(its Hello says on which port) and gRPC otherwise. Both transports raise
-grpc.RpcError with a status, so callers cannot tell them apart.
+`ServerStub` is what PSClient calls a server through: Hello, Init, Stats
+and Checkpoint on gRPC; push and pull on the server's data channel when it
+offers one (its Hello says on which port), else on gRPC. Both transports
+raise grpc.RpcError with a status, so callers cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.stream = sock.makefile("rb")
+        self.receiver = data_channel.Receiver(self.stream)
 
     def close(self) -> None:
         self.stream.close()
@@ -86,17 +87,15 @@ class ServerStub:
         self._lock = threading.Lock()
         self._pushers = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-data-push")
 
-    # -- the methods, with wire.Stub's signatures --------------------------------------
+    # -- Push and Pull, on whichever transport ----------------------------------------
 
-    def Push(self, frames: Iterable[wire.Frame], timeout: float) -> pb.PushResponse:
-        if not self._has_data_channel():
-            return self._grpc.Push(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
-        return self._push(iter(frames), timeout, None)
-
-    def PushOne(self, frame: wire.Frame, timeout: float) -> pb.PushResponse:
-        if not self._has_data_channel():
-            return self._grpc.PushOne(frame, timeout=timeout)  # type: ignore[no-any-return]
-        return self._push(iter([frame]), timeout, None)
+    def push(self, frames: Sequence[wire.Frame], timeout: float) -> pb.PushResponse:
+        """One push (gRPC: a unary call when it fits in one message, much faster there)."""
+        if self._has_data_channel():
+            return self._push(iter(frames), timeout, None)
+        if len(frames) == 1:
+            return self._grpc.PushOne(frames[0], timeout=timeout)  # type: ignore[no-any-return]
+        return self._grpc.Push(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
 
     def push_future(self, frames: Iterator[wire.Frame], timeout: float) -> PushCall:
         """Push `frames` as the iterator yields them, from another thread."""
@@ -104,15 +103,14 @@ class ServerStub:
             return self._grpc.Push.future(frames, timeout=timeout)  # type: ignore[no-any-return]
         return _DataPush(self, frames, timeout)
 
-    def Pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
-        if not self._has_data_channel():
-            return self._grpc.Pull(request, timeout=timeout)  # type: ignore[no-any-return]
-        return self._pull(request, timeout)
-
-    def PullOne(self, request: pb.PullRequest, timeout: float) -> wire.Frame:
-        if not self._has_data_channel():
-            return self._grpc.PullOne(request, timeout=timeout)  # type: ignore[no-any-return]
-        return wire.Frame(chunks=[chunk for frame in self._pull(request, timeout) for chunk in frame.chunks])
+    def pull(self, request: pb.PullRequest, timeout: float, one_message: bool = False) -> Iterator[wire.Frame]:
+        """The answer's messages, each valid until the next is read. `one_message`:
+        the answer fits in one (gRPC: a unary call, refused if it does not fit)."""
+        if self._has_data_channel():
+            return self._pull(request, timeout)
+        if one_message:
+            return iter([self._grpc.PullOne(request, timeout=timeout)])
+        return self._grpc.Pull(request, timeout=timeout)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
@@ -168,7 +166,7 @@ class ServerStub:
 
     def _answer(self, connection: _Connection) -> tuple[pb.DataHeader, memoryview]:
         """The server's next message; its status raised as a ChannelError."""
-        header, body = data_channel.read(connection.stream)
+        header, body = connection.receiver.read()
         if header.last and header.code != 0:
             raise ChannelError(data_channel.status_code(header.code), header.details)
         return header, body

@@ -22,8 +22,9 @@ def data_call(
         if end:
             data_channel.write(sock, pb.DataHeader(method="" if bodies else method, auth_token=token, last=True))
         answers = []
+        receiver = data_channel.Receiver(stream)
         while True:
-            header, body = data_channel.read(stream)
+            header, body = receiver.read()
             if header.last:
                 return data_channel.status_code(header.code), header.details, answers
             answers.append(bytes(body))
@@ -34,8 +35,9 @@ def data_pull(port: int, request: pb.PullRequest) -> tuple[grpc.StatusCode, str,
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         data_channel.write(sock, pb.DataHeader(method="Pull", last=True), request.SerializeToString())
         answers = []
+        receiver = data_channel.Receiver(stream)
         while True:
-            header, body = data_channel.read(stream)
+            header, body = receiver.read()
             if header.last:
                 return data_channel.status_code(header.code), header.details, answers
             answers.append(bytes(body))

@@ -99,12 +99,12 @@ def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> 
     assert data_call(port, "Checkpoint", [b""])[0] == grpc.StatusCode.UNIMPLEMENTED
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         sock.sendall(struct.pack("<I", data_channel.HEADER_LIMIT + 1))
-        header, _ = data_channel.read(stream)
+        header, _ = data_channel.Receiver(stream).read()
         assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         head = pb.DataHeader(method="Push", body_length=data_channel.BODY_LIMIT + 1).SerializeToString()
         sock.sendall(struct.pack("<I", len(head)) + head)
-        header, _ = data_channel.read(stream)
+        header, _ = data_channel.Receiver(stream).read()
         assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
     _still_serving(running)
     _unchanged(before, running)
@@ -179,7 +179,7 @@ def test_random_frames_never_take_the_data_channel_down(server, frames: list[byt
             sock.sendall(frame)
         sock.shutdown(socket.SHUT_WR)
         try:
-            header, _ = data_channel.read(stream)
+            header, _ = data_channel.Receiver(stream).read()
             assert data_channel.status_code(header.code) not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
         except data_channel.Closed:
             pass  # too short to be a message: the server just closed
