@@ -21,20 +21,33 @@ from ps_server.service import start_server
 log = logging.getLogger("ps_server")
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each of gRPC's handler threads its own malloc arena, and
-    memory freed into one arena is not reused by the others: with tensor-sized
-    buffers the server's peak RSS grows by tens of MB for nothing (measured in
-    benchmarks/training_step.py, at no cost in step time). Not glibc: no-op."""
+def _tune_malloc() -> None:
+    """Keep the server's gradient-sized buffers in malloc between steps.
+
+    - Two arenas: glibc gives each handler thread its own arena, and memory
+      freed into one is not reused by the others; with tensor-sized buffers
+      peak RSS grew by tens of MB for nothing.
+    - No returning freed memory to the kernel (trim threshold 1 GiB, and
+      allocations up to 32 MiB from the heap rather than mmap): each step
+      frees and reallocates its push buffers, and when glibc gave them back,
+      taking them again cost page faults, 11,000 a step and a quarter of the
+      server's CPU with bf16 pushes (benchmarks/training_step.py). The peak
+      is the same; the memory just stays at it.
+
+    Not glibc: no-op."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 2**30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _limit_malloc_arenas()
+    _tune_malloc()
     config = parse_config(ServerConfig, "Run one parameter server.", argv)
     setup_logging(config.log_level, config.log_json)
     torch.set_num_threads(config.torch_threads)

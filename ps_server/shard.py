@@ -201,7 +201,9 @@ class Shard:
         """
         absent = set(absent)
         thresholds = dict(thresholds or {})
-        grads = {key: grad.to(self._slot(key).value.dtype) for key, grad in grads.items()}
+        # Half-precision (compressed) gradients stay so until used: casting
+        # cannot make a finite value non-finite, and casting late saves a
+        # gradient-sized allocation per push.
         for key, grad in grads.items():
             if not _all_finite(grad):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
@@ -258,9 +260,9 @@ class Shard:
             grad = push.grads.get(key)
             if grad is not None:
                 if slot.grad_sum is None:
-                    slot.grad_sum = grad  # the stream's buffer is ours: no copy
+                    slot.grad_sum = grad.to(slot.value.dtype)  # the stream's buffer is ours: no copy if fp32
                 else:
-                    slot.grad_sum.add_(grad)
+                    slot.grad_sum.add_(grad)  # adds a half-precision gradient without casting it first
             slot.contributors += 1
             slot.last_push[push.worker_id] = push.step
             if slot.spec.tensor in push.thresholds:
@@ -330,7 +332,7 @@ class Shard:
             if slot.spec.tensor in push.thresholds:
                 slot.prune(push.thresholds[slot.spec.tensor])
         for slot in with_grad:
-            slot.value.grad = push.grads[slot.spec.key]
+            slot.value.grad = push.grads[slot.spec.key].to(slot.value.dtype)
         lr_scale = 1.0 / max(1, staleness) if job.scale_lr_by_staleness else 1.0
         self._step(optimizer, push.options, with_grad, lr_scale)
         for key, slot in push.fresh.items():
