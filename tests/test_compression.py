@@ -48,6 +48,21 @@ def test_topk_sends_the_largest_and_keeps_the_rest_for_later() -> None:
     assert torch.allclose(sent_total + residual, torch.stack(grads).sum(0), atol=1e-5)
 
 
+def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
+    """Above 64k elements the selection goes through a sampled threshold: the same elements."""
+    compressor = Compressor(Compression("topk", topk_ratio=0.01))
+    torch.manual_seed(2)
+    for grad in (torch.randn(300_000), torch.randn(300_000) ** 3, torch.rand(300_000)):
+        total = grad.clone()
+        chosen = compressor._largest(total.abs(), 3000)
+        expected = torch.topk(total.abs(), 3000).indices
+        assert set(chosen.tolist()) == set(expected.tolist())
+    # Ties at the threshold (all but k elements equal): still the k largest.
+    flat = torch.zeros(300_000)
+    flat[:3000] = 1.0
+    assert set(compressor._largest(flat, 3000).tolist()) == set(range(3000))
+
+
 def test_topk_chunks_are_sparse_on_the_wire() -> None:
     payload = Compressor(Compression("topk", topk_ratio=0.01)).encode("k", torch.randn(100_000))
     chunks = list(codec.tensor_to_chunks("k", payload.values, sparse_if_smaller=True))
