@@ -1,5 +1,6 @@
 """Push + pull of a whole fp32 model through our servers, against a plain
-socket echoing the same bytes over loopback, and against bare gRPC Python
+socket echoing the same bytes over loopback (from another process, in the
+same 4 MiB messages), and against bare gRPC Python
 streaming the same bytes between two processes (the transport's own ceiling),
 served from a thread pool as ours is and, for comparison, from grpc.aio."""
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
@@ -31,34 +31,47 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         received += sock.recv_into(view[received:])
 
 
-def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
-    """Send `nbytes` to an echo peer and read them back: the floor for push + pull."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    rounds = repeats + 1
+def _pieces(nbytes: int) -> list[int]:
+    """`nbytes` cut as our transfers cut it: 4 MiB messages."""
+    return [min(DEFAULT_CHUNK_BYTES, nbytes - start) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
-    def echo() -> None:
+
+def _raw_echo(nbytes: int, rounds: int, ports: Any) -> None:
+    """Take `nbytes` and send them back, `rounds` times, through one reused 4 MiB buffer."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ports.put(listener.getsockname()[1])
         conn, _ = listener.accept()
-        buffer = memoryview(bytearray(nbytes))
+        buffer = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
         with conn:
             for _ in range(rounds):
-                _recv_exactly(conn, buffer)
-                conn.sendall(buffer)
+                for size in _pieces(nbytes):
+                    _recv_exactly(conn, buffer[:size])
+                for size in _pieces(nbytes):
+                    conn.sendall(buffer[:size])
 
-    thread = threading.Thread(target=echo)
-    thread.start()
-    payload = memoryview(bytearray(nbytes))
-    back = memoryview(bytearray(nbytes))
-    with socket.create_connection(("127.0.0.1", port)) as sock:
 
-        def round_trip() -> None:
-            sock.sendall(payload)
-            _recv_exactly(sock, back)
+def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
+    """Send `nbytes` to an echo process and read them back: the floor for push +
+    pull. Like ours, in 4 MiB messages through reused buffers, which stay in
+    cache: measured here, that is up to 1.5x faster than one 64 MiB buffer."""
+    context = mp.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_raw_echo, args=(nbytes, repeats + 1, ports))
+    process.start()
+    payload = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
+    back = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
+    try:
+        with socket.create_connection(("127.0.0.1", ports.get(timeout=60))) as sock:
 
-        seconds = median_seconds(round_trip, repeats)
-    thread.join()
-    listener.close()
-    return seconds
+            def round_trip() -> None:
+                for size in _pieces(nbytes):
+                    sock.sendall(payload[:size])
+                for size in _pieces(nbytes):
+                    _recv_exactly(sock, back[:size])
+
+            return median_seconds(round_trip, repeats)
+    finally:
+        process.join(timeout=30)
 
 
 def _bare_handlers(take: Any, give: Any) -> grpc.GenericRpcHandler:
