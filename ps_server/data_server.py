@@ -58,8 +58,13 @@ class DataServer:
         self._service = service
         self._token = auth_token.encode() if auth_token else None
         self._max_connections = max_connections
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family)
+        host = host.strip("[]")  # "[::]" as gRPC writes it
+        ipv6 = ":" in host
+        self._listener = socket.create_server(
+            (host, port),
+            family=socket.AF_INET6 if ipv6 else socket.AF_INET,
+            dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),  # like gRPC on [::]
+        )
         self.port: int = self._listener.getsockname()[1]
         self._connections: set[socket.socket] = set()
         self._busy = 0  # connections in the middle of a call

@@ -201,7 +201,9 @@ class ServerStub:
                 where = f"{self._host}:{self._port}"
                 self._port = _UNRESOLVED  # a restarted server may listen elsewhere: ask again next time
                 raise ChannelError(
-                    grpc.StatusCode.UNAVAILABLE, f"cannot reach the data channel at {where}: {exc}"
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot reach the data channel at {where}: {exc} (open that port, fix it on the servers "
+                    "with --data-port, or run workers with --no-data-channel)",
                 ) from None
             data_channel.tune(sock)
             connection = _Connection(sock)

@@ -196,3 +196,18 @@ def test_random_bodies_get_a_status_and_change_nothing(server, bodies: list[byte
     _still_serving(running)
     if code != grpc.StatusCode.OK:
         _unchanged(before, running)
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="needs IPv6 with dual-stack sockets")
+def test_a_server_on_every_ipv6_and_ipv4_address_serves_both_on_the_data_channel() -> None:
+    running = start_server(dataclasses.replace(ServerConfig(), host="[::]", port=0))
+    assert running.data_server is not None
+    try:
+        for address in (f"127.0.0.1:{running.port}", f"[::1]:{running.port}"):
+            calls = running.data_server.calls
+            model = small_model()
+            train_distributed([address], model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4),
+                              mode="asp")  # fmt: skip
+            assert running.data_server.calls > calls
+    finally:
+        running.stop(grace=0)
