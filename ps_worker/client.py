@@ -374,18 +374,9 @@ class PSClient:
     # -- helpers --------------------------------------------------------------------
 
     def _stub(self, address: str, channel: grpc.Channel) -> ServerStub:
-        """The server's stub: Push and Pull on its data channel if it has one."""
+        """The server's stub: push and pull on its data channel if it has one."""
         host = _host_of(address) if self.config.data_channel and self.config.tls_ca is None else None
-        request = pb.HelloRequest(
-            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
-        )
-
-        def data_port() -> int:
-            hello: pb.HelloResponse = stub.Hello(request, timeout=min(self.config.timeout, 5.0))
-            return hello.data_port
-
-        stub = ServerStub(channel, host, data_port, self.config.auth_token)
-        return stub
+        return ServerStub(channel, host, self._hello_request(), self.config.auth_token)
 
     def _group_options(self) -> list[pb.ParamGroup]:
         """The optimizer's current hyperparameters, only those torch declares as defaults
@@ -395,11 +386,14 @@ class PSClient:
         defaults = self._optimizer.defaults
         return [codec.options_to_proto({k: g[k] for k in defaults if k in g}) for g in self._optimizer.param_groups]
 
-    def _send_heartbeats(self) -> None:
-        """Hello every heartbeat_interval: the servers' sign that this worker lives."""
-        request = pb.HelloRequest(
+    def _hello_request(self) -> pb.HelloRequest:
+        return pb.HelloRequest(
             protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
         )
+
+    def _send_heartbeats(self) -> None:
+        """Hello every heartbeat_interval: the servers' sign that this worker lives."""
+        request = self._hello_request()
         while not self._closing.wait(self.config.heartbeat_interval):
             for stub in self._stubs:
                 try:
@@ -409,9 +403,7 @@ class PSClient:
 
     def _wait_for_server(self, server: int, initialized: bool) -> pb.HelloResponse:
         """Hello until the server answers (and, if asked, until it is initialized)."""
-        request = pb.HelloRequest(
-            protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, num_workers=self.num_workers
-        )
+        request = self._hello_request()
 
         def hello() -> pb.HelloResponse:
             response: pb.HelloResponse = self._call(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from ps_common.data_channel import ChannelError
 from ps_common.proto import ps_pb2 as pb
 
 _UNRESOLVED = -1
+_HELLO_TIMEOUT = 5.0
 
 
 class PushCall(Protocol):
@@ -69,18 +70,19 @@ class _DataPush:
 
 
 class ServerStub:
-    """One server's methods. `data_port()` asks the server (Hello) for its
-    data channel's port; None means gRPC only (TLS, or turned off)."""
+    """One server's methods. With `host` None (TLS, turned off, or a gRPC
+    target that is not host:port) push and pull take gRPC; otherwise they
+    take the data channel on `host` whenever the server's Hello (sent with
+    `hello`) announces one."""
 
-    def __init__(self, channel: grpc.Channel, host: str | None, data_port: Callable[[], int] | None,
-                 auth_token: str | None) -> None:  # fmt: skip
+    def __init__(self, channel: grpc.Channel, host: str | None, hello: pb.HelloRequest, auth_token: str | None) -> None:
         self._grpc = wire.Stub(channel)
         self.Hello = self._grpc.Hello
         self.Init = self._grpc.Init
         self.Stats = self._grpc.Stats
         self.Checkpoint = self._grpc.Checkpoint
+        self._hello = hello
         self._host = host
-        self._resolve = data_port if host is not None else None
         self._port = _UNRESOLVED
         self._token = auth_token or ""
         self._idle: list[_Connection] = []
@@ -122,26 +124,25 @@ class ServerStub:
     # -- the data channel ------------------------------------------------------------
 
     def _has_data_channel(self) -> bool:
-        if self._resolve is None:
+        if self._host is None:
             return False
         if self._port == _UNRESOLVED:
-            self._port = self._resolve()  # a gRPC error here is the caller's, as for any call
+            # A gRPC error here is the caller's, as for any call.
+            self._port = self.Hello(self._hello, timeout=_HELLO_TIMEOUT).data_port
         return self._port != 0
 
     def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None) -> pb.PushResponse:
         with self._connected(timeout) as connection:
             if call is not None:
                 call.connection = connection
-            first = True
+            header = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout)  # opens the call
             for frame in frames:
-                header = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout) if first else None
-                self._send(connection, header or pb.DataHeader(), wire.encode_request(frame))
-                first = False
+                self._send(connection, header, wire.encode_request(frame))
+                header = pb.DataHeader()
             if call is not None and call.cancelled.is_set():
                 raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
-            last = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout) if first else pb.DataHeader()
-            last.last = True
-            self._send(connection, last)
+            header.last = True
+            self._send(connection, header)
             _, body = self._answer(connection)
             return pb.PushResponse.FromString(bytes(body))
 
