@@ -106,9 +106,14 @@ class DataServer:
             threading.Thread(target=self._serve, args=(sock,), name="ps-data-conn", daemon=True).start()
 
     def _refuse(self, sock: socket.socket) -> None:
-        with sock:
-            details = f"more than {self._max_connections} data connections; raise --threads"
-            self._answer_error(sock, grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+        """UNAVAILABLE, which clients retry after a pause. Not waiting for the
+        client's request first: that would stall accepting for everyone."""
+        with sock, contextlib.suppress(OSError):
+            details = "the server is shutting down" if self._stopped else (
+                f"{self._max_connections} data connections are open, the most this server takes; retry later"
+            )  # fmt: skip
+            data_channel.write(sock, pb.DataHeader(last=True, code=_number(grpc.StatusCode.UNAVAILABLE),
+                                                   details=details))  # fmt: skip
 
     def _serve(self, sock: socket.socket) -> None:
         """Calls one after another until the client leaves or a call fails."""

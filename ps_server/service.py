@@ -280,7 +280,9 @@ def _start_data_channel(service: ParameterService, config: ServerConfig) -> Data
     if config.tls_cert:
         log.info("no data channel: with TLS, Push and Pull stay on gRPC")
         return None
-    data_server = DataServer(service, config.host, config.data_port, config.auth_token, config.threads)
+    # A worker holds one or two connections per server, idle between calls:
+    # the cap is for runaway clients, not for handler threads as --threads is.
+    data_server = DataServer(service, config.host, config.data_port, config.auth_token, 16 * config.threads)
     data_server.start()
     service.data_port = data_server.port
     return data_server

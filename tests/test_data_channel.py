@@ -8,6 +8,7 @@ import dataclasses
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -211,3 +212,20 @@ def test_a_server_on_every_ipv6_and_ipv4_address_serves_both_on_the_data_channel
             assert running.data_server.calls > calls
     finally:
         running.stop(grace=0)
+
+
+def test_connections_beyond_the_cap_are_told_to_retry_later() -> None:
+    with InProcessCluster(num_servers=1, config=ServerConfig(threads=1)) as cluster:  # a cap of 16 connections
+        port = _port(cluster.servers[0])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+        try:
+            code, details, _ = data_pull(port, pb.PullRequest())  # accepted after the 16, in order
+            assert code == grpc.StatusCode.UNAVAILABLE and "retry later" in details
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while (code := data_pull(port, pb.PullRequest())[0]) == grpc.StatusCode.UNAVAILABLE:
+            assert time.monotonic() < deadline, "closed connections were never let go"
+            time.sleep(0.05)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION  # served again: no job yet
