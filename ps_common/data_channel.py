@@ -2,11 +2,11 @@
 
 gRPC Python spends about twice a plain socket's CPU per byte it moves
 (benchmarks/wire.py measures both), and on a parameter server Push and Pull
-carry nearly every byte. So they may travel on a plain TCP connection beside
-gRPC: the same PushRequest/PullResponse messages, each after a small
-DataHeader, read into one buffer per message and written with sendall. The
-kernel's copies are the only ones on the way; the messages' 4 MiB limit is
-gRPC's default, so one chunking serves both transports.
+carry nearly every byte. So they may travel on a TCP connection of their
+own beside gRPC (with TLS when gRPC has it): the same PushRequest and
+PullResponse messages, each after a small DataHeader, read into one reused
+buffer per connection and written with sendall. The messages' 4 MiB limit
+is gRPC's default, so one chunking serves both transports.
 """
 
 from __future__ import annotations

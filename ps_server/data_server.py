@@ -1,5 +1,5 @@
 """The server side of the data channel (ps_common.data_channel): Push and
-Pull on a plain TCP port, answered by the same ParameterService as on gRPC,
+Pull on a TCP port of their own (TLS as gRPC's), answered by the same ParameterService as on gRPC,
 so both transports share every check, status and counter.
 
 One thread per connection: a worker keeps one connection per concurrent
@@ -13,6 +13,7 @@ import hmac
 import io
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -53,9 +54,16 @@ class DataServer:
     """Serves `service`'s Push and Pull on `host:port` (0: a free port) until stop()."""
 
     def __init__(
-        self, service: ParameterService, host: str, port: int, auth_token: str | None, max_connections: int
+        self,
+        service: ParameterService,
+        host: str,
+        port: int,
+        auth_token: str | None,
+        max_connections: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._service = service
+        self._tls = tls
         self._token = auth_token.encode() if auth_token else None
         self._max_connections = max_connections
         host = host.strip("[]")  # "[::]" as gRPC writes it
@@ -118,6 +126,8 @@ class DataServer:
     def _serve(self, sock: socket.socket) -> None:
         """Calls one after another until the client leaves or a call fails."""
         try:
+            if self._tls is not None:
+                sock = self._handshake(sock)
             with sock, cast(io.BufferedIOBase, sock.makefile("rb")) as stream:
                 receiver = data_channel.Receiver(stream)
                 while self._call(sock, receiver):
@@ -125,8 +135,26 @@ class DataServer:
         except (data_channel.Closed, OSError) as exc:
             log.debug("data connection ended: %s", exc)
         finally:
+            sock.close()
             with self._lock:
                 self._connections.discard(sock)
+
+    def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
+        """TLS, here rather than in the accept loop, so that a slow handshake
+        holds up only its own client; the wrapped socket replaces the plain one
+        (which TLS detaches) among those stop() shuts down."""
+        assert self._tls is not None
+        with self._lock:
+            self._connections.discard(sock)
+        sock.settimeout(_HANDSHAKE_SECONDS)
+        wrapped = self._tls.wrap_socket(sock, server_side=True)
+        wrapped.settimeout(None)
+        with self._lock:
+            if self._stopped:
+                wrapped.close()
+                raise data_channel.Closed("the server is stopping")
+            self._connections.add(wrapped)
+        return wrapped
 
     def _call(self, sock: socket.socket, receiver: data_channel.Receiver) -> bool:
         """Serve one call; False when the connection must close after it."""
@@ -216,6 +244,7 @@ class DataServer:
 
 
 _DRAIN_SECONDS = 2.0
+_HANDSHAKE_SECONDS = 10.0
 
 
 def _shut(sock: socket.socket) -> None:

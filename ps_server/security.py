@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +76,18 @@ def credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The same TLS for the data channel as `credentials` gives gRPC; None: plain TCP."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.tls_client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(config.tls_client_ca)
+    return context
 
 
 def _is_loopback(host: str) -> bool:

@@ -27,7 +27,7 @@ from ps_server.config import ServerConfig
 from ps_server.data_server import DataServer
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import warm_up
-from ps_server.security import TokenInterceptor, credentials
+from ps_server.security import TokenInterceptor, credentials, tls_context
 from ps_server.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -273,16 +273,14 @@ def start_server(config: ServerConfig) -> RunningServer:
 
 
 def _start_data_channel(service: ParameterService, config: ServerConfig) -> DataServer | None:
-    """The plain-TCP data channel for Push and Pull, unless turned off or the
-    server speaks TLS (the channel has no encryption; bulk data then stays on gRPC)."""
+    """The TCP data channel for Push and Pull (TLS as gRPC's), unless turned off."""
     if not config.data_channel:
-        return None
-    if config.tls_cert:
-        log.info("no data channel: with TLS, Push and Pull stay on gRPC")
         return None
     # A worker holds one or two connections per server, idle between calls:
     # the cap is for runaway clients, not for handler threads as --threads is.
-    data_server = DataServer(service, config.host, config.data_port, config.auth_token, 16 * config.threads)
+    data_server = DataServer(
+        service, config.host, config.data_port, config.auth_token, 16 * config.threads, tls_context(config)
+    )
     data_server.start()
     service.data_port = data_server.port
     return data_server

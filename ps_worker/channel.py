@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import ssl
 from typing import Any
 
 import grpc
@@ -73,3 +74,13 @@ def open_channel(
     if auth_token:
         channel = grpc.intercept_channel(channel, _TokenInterceptor(auth_token))
     return channel
+
+
+def tls_context(tls_ca: str | None, tls_cert: str | None = None, tls_key: str | None = None) -> ssl.SSLContext | None:
+    """The same TLS for the data channel as `open_channel` gives gRPC; None: plain TCP."""
+    if tls_ca is None:
+        return None
+    context = ssl.create_default_context(cafile=tls_ca)
+    if tls_cert is not None:
+        context.load_cert_chain(tls_cert, tls_key)
+    return context

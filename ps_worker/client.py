@@ -28,7 +28,7 @@ from ps_common import PROTOCOL_VERSION, codec, wire
 from ps_common.config import setting
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable, WaitTimeout, from_rpc_error
 from ps_common.proto import ps_pb2 as pb
-from ps_worker.channel import open_channel
+from ps_worker.channel import open_channel, tls_context
 from ps_worker.compression import Compression, Compressor, Payload
 from ps_worker.data_client import PushCall, ServerStub
 from ps_worker.pruning import PruningConfig
@@ -55,7 +55,9 @@ class ClientConfig:
     tls_ca: str | None = setting(None, "PEM CA that signed the servers' certificates: connect with TLS")
     tls_cert: str | None = setting(None, "PEM client certificate, for servers that require mutual TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
-    data_channel: bool = setting(True, "push and pull over the servers' plain TCP data channel where they offer one")
+    data_channel: bool = setting(
+        True, "push and pull over the servers' data channel (a TCP port beside gRPC) where offered"
+    )
 
     def channel(self, address: str) -> grpc.Channel:
         return open_channel(address, self.auth_token, self.tls_ca, self.tls_cert, self.tls_key)
@@ -375,8 +377,9 @@ class PSClient:
 
     def _stub(self, address: str, channel: grpc.Channel) -> ServerStub:
         """The server's stub: push and pull on its data channel if it has one."""
-        host = _host_of(address) if self.config.data_channel and self.config.tls_ca is None else None
-        return ServerStub(channel, host, self._hello_request(), self.config.auth_token)
+        host = _host_of(address) if self.config.data_channel else None
+        tls = tls_context(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
+        return ServerStub(channel, host, self._hello_request(), self.config.auth_token, tls)
 
     def _group_options(self) -> list[pb.ParamGroup]:
         """The optimizer's current hyperparameters, only those torch declares as defaults

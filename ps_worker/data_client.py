@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -70,12 +71,19 @@ class _DataPush:
 
 
 class ServerStub:
-    """One server's methods. With `host` None (TLS, turned off, or a gRPC
-    target that is not host:port) push and pull take gRPC; otherwise they
-    take the data channel on `host` whenever the server's Hello (sent with
-    `hello`) announces one."""
+    """One server's methods. With `host` None (turned off, or a gRPC target
+    that is not host:port) push and pull take gRPC; otherwise they take the
+    data channel on `host` (with `tls`, as gRPC does) whenever the server's
+    Hello (sent with `hello`) announces one."""
 
-    def __init__(self, channel: grpc.Channel, host: str | None, hello: pb.HelloRequest, auth_token: str | None) -> None:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        host: str | None,
+        hello: pb.HelloRequest,
+        auth_token: str | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._grpc = wire.Stub(channel)
         self.Hello = self._grpc.Hello
         self.Init = self._grpc.Init
@@ -83,6 +91,7 @@ class ServerStub:
         self.Checkpoint = self._grpc.Checkpoint
         self._hello = hello
         self._host = host
+        self._tls = tls
         self._port = _UNRESOLVED
         self._token = auth_token or ""
         self._idle: list[_Connection] = []
@@ -207,6 +216,14 @@ class ServerStub:
                     "with --data-port, or run workers with --no-data-channel)",
                 ) from None
             data_channel.tune(sock)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+                except OSError as exc:  # ssl.SSLError included
+                    sock.close()
+                    raise ChannelError(
+                        grpc.StatusCode.UNAVAILABLE, f"data channel TLS handshake failed: {exc}"
+                    ) from None
             connection = _Connection(sock)
         connection.sock.settimeout(timeout)
         return connection

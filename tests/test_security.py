@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from ps_common import data_channel
 from ps_common.errors import PSError
+from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig
+from ps_worker.channel import tls_context
 from ps_worker.ctl import main as ctl_main
+from tests.raw_data_channel import data_pull
 from tests.training import batches, small_model, train_distributed
 
 pytestmark = pytest.mark.skipif(
@@ -62,9 +67,14 @@ def test_wrong_token_is_unauthenticated_and_the_right_one_trains() -> None:
 def test_tls_client_trains_and_a_plaintext_client_is_refused(pki: Path) -> None:
     server = dataclasses.replace(ServerConfig(), tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
     with InProcessCluster(num_servers=1, config=server) as cluster:
+        data_server = cluster.servers[0].data_server
+        assert data_server is not None
         _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem")))
+        assert data_server.calls > 0  # push and pull took the data channel, under TLS
         with pytest.raises(PSError):
             _train(cluster.addresses, ClientConfig(**FAST_FAIL))  # type: ignore[arg-type]
+        with pytest.raises((ConnectionError, OSError)):  # plain TCP at the TLS data port: no answer
+            data_pull(data_server.port, pb.PullRequest())
 
 
 def test_mutual_tls_refuses_a_client_without_certificate(pki: Path) -> None:
@@ -75,6 +85,16 @@ def test_mutual_tls_refuses_a_client_without_certificate(pki: Path) -> None:
             _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem"), **FAST_FAIL))  # type: ignore[arg-type]
         _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"),
                                                tls_key=str(pki / "client.key")))  # fmt: skip
+        data_server = cluster.servers[0].data_server
+        assert data_server is not None and data_server.calls > 0
+        # At the data port too, TLS without a client certificate gets no answer.
+        context = tls_context(str(pki / "ca.pem"))
+        assert context is not None
+        sock = socket.create_connection(("127.0.0.1", data_server.port), timeout=10)
+        with pytest.raises((ConnectionError, OSError)), context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            data_channel.write(tls, pb.DataHeader(method="Pull", last=True), pb.PullRequest().SerializeToString())
+            data_channel.Receiver(tls.makefile("rb")).read()
+        sock.close()
 
 
 def test_insecure_server_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
