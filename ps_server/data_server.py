@@ -1,5 +1,5 @@
-"""The server side of the data channel (ps_common.data_channel): Push and
-Pull on a TCP port of their own (TLS as gRPC's), answered by the same ParameterService as on gRPC,
+"""The server side of the data channel (ps_common.data_channel): Init, Push
+and Pull on a TCP port of their own (TLS as gRPC's), answered by the same ParameterService as on gRPC,
 so both transports share every check, status and counter.
 
 One thread per connection: a worker keeps one connection per concurrent
@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -184,8 +184,12 @@ class DataServer:
         context = _CallContext(header.timeout)
         try:
             self._authenticate(header)
-            if header.method == "Push":
-                response = self._service.Push(self._push_messages(receiver, header, body), context)
+            if header.method in ("Push", "Init"):
+                method, decode = (
+                    (self._service.Push, wire.decode_push) if header.method == "Push" else
+                    (self._service.Init, wire.decode_init)
+                )  # fmt: skip
+                response = method(self._client_stream(receiver, header, body, decode), context)
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Pull":
                 request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(body)))  # Malformed: refused
@@ -208,14 +212,18 @@ class DataServer:
             return False
         return True
 
-    def _push_messages(
-        self, receiver: data_channel.Receiver, header: pb.DataHeader, body: memoryview
+    def _client_stream(
+        self,
+        receiver: data_channel.Receiver,
+        header: pb.DataHeader,
+        body: memoryview,
+        decode: Callable[[memoryview], wire.Frame | wire.Malformed],
     ) -> Iterator[wire.Frame | wire.Malformed]:
-        """The Push stream's messages, decoded as they arrive (until the one
-        marked last); each is used up before the next read reuses its buffer."""
+        """A Push or Init stream's messages, decoded as they arrive (until the
+        one marked last); each is used up before the next read reuses its buffer."""
         while True:
             if len(body) or not header.last:
-                yield wire.decode_push(body)
+                yield decode(body)
             if header.last:
                 return
             header, body = receiver.read()

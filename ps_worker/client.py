@@ -163,7 +163,7 @@ class PSClient:
                 values = {p.key: Payload(flat[p.name][p.start : p.stop], False) for p in self._pieces[server]}
                 header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
                 stream = self._messages(header, self._pieces[server], values)
-                self._call(server, lambda stub: stub.Init(stream, timeout=self.config.timeout))
+                self._call(server, lambda stub: stub.init(stream, timeout=self.config.timeout))
             elif hello.job != jobs[server]:
                 raise FailedPrecondition(
                     f"{self.addresses[server]}: worker 0 initialized a different job (parameters, optimizer, "

@@ -1,8 +1,8 @@
 """The worker side of the data channel (ps_common.data_channel).
 
-`ServerStub` is what PSClient calls a server through: Hello, Init, Stats
-and Checkpoint on gRPC; push and pull on the server's data channel when it
-offers one (its Hello says on which port), else on gRPC. Both transports
+`ServerStub` is what PSClient calls a server through: Hello, Stats and
+Checkpoint on gRPC; init, push and pull on the server's data channel when
+it offers one (its Hello says on which port), else on gRPC. Both transports
 raise grpc.RpcError with a status, so callers cannot tell them apart.
 """
 
@@ -86,7 +86,6 @@ class ServerStub:
     ) -> None:
         self._grpc = wire.Stub(channel)
         self.Hello = self._grpc.Hello
-        self.Init = self._grpc.Init
         self.Stats = self._grpc.Stats
         self.Checkpoint = self._grpc.Checkpoint
         self._hello = hello
@@ -103,10 +102,16 @@ class ServerStub:
     def push(self, frames: Sequence[wire.Frame], timeout: float) -> pb.PushResponse:
         """One push (gRPC: a unary call when it fits in one message, much faster there)."""
         if self._has_data_channel():
-            return self._push(iter(frames), timeout, None)
+            return pb.PushResponse.FromString(self._client_stream("Push", iter(frames), timeout, None))
         if len(frames) == 1:
             return self._grpc.PushOne(frames[0], timeout=timeout)  # type: ignore[no-any-return]
         return self._grpc.Push(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
+
+    def init(self, frames: Iterator[wire.Frame], timeout: float) -> pb.InitResponse:
+        """Worker 0's Init stream."""
+        if not self._has_data_channel():
+            return self._grpc.Init(frames, timeout=timeout)  # type: ignore[no-any-return]
+        return pb.InitResponse.FromString(self._client_stream("Init", frames, timeout, None))
 
     def push_future(self, frames: Iterator[wire.Frame], timeout: float) -> PushCall:
         """Push `frames` as the iterator yields them, from another thread."""
@@ -140,11 +145,17 @@ class ServerStub:
             self._port = self.Hello(self._hello, timeout=_HELLO_TIMEOUT).data_port
         return self._port != 0
 
-    def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None) -> pb.PushResponse:
+    def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush) -> pb.PushResponse:
+        return pb.PushResponse.FromString(self._client_stream("Push", frames, timeout, call))
+
+    def _client_stream(
+        self, method: str, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None
+    ) -> bytes:
+        """Send a Push or Init stream; the answer's body."""
         with self._connected(timeout) as connection:
             if call is not None:
                 call.connection = connection
-            header = pb.DataHeader(method="Push", auth_token=self._token, timeout=timeout)  # opens the call
+            header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
             for frame in frames:
                 self._send(connection, header, wire.encode_request(frame))
                 header = pb.DataHeader()
@@ -153,7 +164,7 @@ class ServerStub:
             header.last = True
             self._send(connection, header)
             _, body = self._answer(connection)
-            return pb.PushResponse.FromString(bytes(body))
+            return bytes(body)
 
     def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
         with self._connected(timeout) as connection:

@@ -87,7 +87,7 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered() -> None:
     with InProcessCluster(num_servers=1) as cluster:
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
         data_server = cluster.servers[0].data_server
-        assert data_server is not None and data_server.calls == 3 + 1 + 3  # pushes, first pull, pulls
+        assert data_server is not None and data_server.calls == 1 + 1 + 3 + 3  # Init, first pull, pushes, pulls
     with InProcessCluster(num_servers=1, config=ServerConfig(data_channel=False)) as cluster:
         assert cluster.servers[0].data_server is None
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
@@ -188,7 +188,9 @@ def test_random_frames_never_take_the_data_channel_down(server, frames: list[byt
 
 
 @FUZZ
-@given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(["Push", "Pull"]))
+@given(
+    bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(["Init", "Push", "Pull"])
+)
 def test_random_bodies_get_a_status_and_change_nothing(server, bodies: list[bytes], method: str) -> None:  # type: ignore[no-untyped-def]
     running, _ = server
     before = _snapshot(running.shard)
