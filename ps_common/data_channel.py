@@ -1,10 +1,10 @@
 """The data channel's framing, for both sides (DataHeader in proto/ps.proto).
 
 gRPC Python spends about twice a plain socket's CPU per byte it moves
-(benchmarks/wire.py measures both), and on a parameter server Push and Pull
-carry nearly every byte. So they may travel on a TCP connection of their
-own beside gRPC (with TLS when gRPC has it): the same PushRequest and
-PullResponse messages, each after a small DataHeader, read into one reused
+(benchmarks/wire.py measures both), and on a parameter server Init, Push
+and Pull carry nearly every byte. So they may travel on a TCP connection
+of their own beside gRPC (with TLS when gRPC has it): the same protobuf
+messages as on gRPC, each after a small DataHeader, read into one reused
 buffer per connection and written with sendall. The messages' 4 MiB limit
 is gRPC's default, so one chunking serves both transports.
 """

@@ -13,7 +13,7 @@ from ps_common.config import setting
 class ServerConfig:
     host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface")
     port: int = setting(50051, "port to bind; 0 picks a free one")
-    data_channel: bool = setting(True, "serve Push and Pull on their own TCP port beside gRPC (TLS as gRPC's)")
+    data_channel: bool = setting(True, "serve Init, Push and Pull on their own TCP port beside gRPC (TLS as gRPC's)")
     data_port: int = setting(0, "port of the data channel; 0 picks a free one (workers learn it from Hello)")
     port_file: str | None = setting(None, "write the bound port to this file once serving")
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (0: a free one)")

@@ -51,7 +51,7 @@ class _CallContext:
 
 
 class DataServer:
-    """Serves `service`'s Push and Pull on `host:port` (0: a free port) until stop()."""
+    """Serves `service`'s Init, Push and Pull on `host:port` (0: a free port) until stop()."""
 
     def __init__(
         self,

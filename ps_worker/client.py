@@ -56,7 +56,7 @@ class ClientConfig:
     tls_cert: str | None = setting(None, "PEM client certificate, for servers that require mutual TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
     data_channel: bool = setting(
-        True, "push and pull over the servers' data channel (a TCP port beside gRPC) where offered"
+        True, "init, push and pull over the servers' data channel (a TCP port beside gRPC) where offered"
     )
 
     def channel(self, address: str) -> grpc.Channel:
@@ -376,7 +376,7 @@ class PSClient:
     # -- helpers --------------------------------------------------------------------
 
     def _stub(self, address: str, channel: grpc.Channel) -> ServerStub:
-        """The server's stub: push and pull on its data channel if it has one."""
+        """The server's stub: init, push and pull on its data channel if it has one."""
         host = _host_of(address) if self.config.data_channel else None
         tls = tls_context(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
         return ServerStub(channel, host, self._hello_request(), self.config.auth_token, tls)
