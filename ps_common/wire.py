@@ -83,8 +83,10 @@ def _chunk_parts(chunk: Chunk) -> list[Any]:
     return parts
 
 
-def _encoder(header_field: int | None, chunks_field: int) -> Callable[[Frame], bytes]:
-    def encode(frame: Frame) -> bytes:
+def _parts_of(header_field: int | None, chunks_field: int) -> Callable[[Frame], list[Any]]:
+    """The serialized message as a list of pieces, tensor data still views."""
+
+    def parts_of(frame: Frame) -> list[Any]:
         parts: list[Any] = []
         if frame.header is not None and header_field is not None:
             header = frame.header.SerializeToString()
@@ -92,7 +94,14 @@ def _encoder(header_field: int | None, chunks_field: int) -> Callable[[Frame], b
         for chunk in frame.chunks:
             chunk_parts = _chunk_parts(chunk)
             parts += [_length_delimited(chunks_field, sum(len(p) for p in chunk_parts)), *chunk_parts]
-        return b"".join(parts)  # the one copy of the tensor bytes on this side
+        return parts
+
+    return parts_of
+
+
+def _joined(parts_of: Callable[[Frame], list[Any]]) -> Callable[[Frame], bytes]:
+    def encode(frame: Frame) -> bytes:
+        return b"".join(parts_of(frame))  # the one copy of the tensor bytes on this side
 
     return encode
 
@@ -182,8 +191,9 @@ def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[
 
 
 # InitRequest and PushRequest share their layout: header = 1, chunks = 2.
-encode_request = _encoder(1, 2)
-encode_pull = _encoder(None, 1)
+request_parts = _parts_of(1, 2)  # for a socket's gather write, which needs no join
+encode_request = _joined(request_parts)
+encode_pull = _joined(_parts_of(None, 1))
 decode_init = _decoder(pb.InitHeader, 2)
 decode_push = _decoder(pb.PushHeader, 2)
 decode_pull = _decoder(None, 1)

@@ -157,7 +157,7 @@ class ServerStub:
                 call.connection = connection
             header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
             for frame in frames:
-                self._send(connection, header, wire.encode_request(frame))
+                self._send(connection, header, wire.request_parts(frame))
                 header = pb.DataHeader()
             if call is not None and call.cancelled.is_set():
                 raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
@@ -176,7 +176,7 @@ class ServerStub:
                     return
                 yield wire.decode_pull_strict(body)
 
-    def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes = b"") -> None:
+    def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes | list[Any] = b"") -> None:
         try:
             data_channel.write(connection.sock, header, body)
         except OSError:

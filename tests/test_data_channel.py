@@ -8,6 +8,7 @@ import dataclasses
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -231,3 +232,30 @@ def test_connections_beyond_the_cap_are_told_to_retry_later() -> None:
             assert time.monotonic() < deadline, "closed connections were never let go"
             time.sleep(0.05)
         assert code == grpc.StatusCode.FAILED_PRECONDITION  # served again: no job yet
+
+
+def test_a_body_in_pieces_arrives_whole_through_partial_gather_writes() -> None:
+    """More pieces than one sendmsg takes, through buffers far smaller than
+    the body, so that writes stop halfway through pieces."""
+    torch.manual_seed(3)
+    pieces: list[bytes | memoryview] = []
+    for size in torch.randint(1, 9000, (3000,)).tolist():
+        pieces.append(memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy()))
+        pieces.append(b"")  # empty pieces are skipped
+    expected = b"".join(bytes(p) for p in pieces)
+    writer, reader = socket.socketpair()
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    received: list[tuple[pb.DataHeader, bytes]] = []
+
+    def read() -> None:
+        with reader, reader.makefile("rb") as stream:
+            header, body = data_channel.Receiver(stream, body_limit=len(expected)).read()
+            received.append((header, bytes(body)))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    with writer:
+        data_channel.write(writer, pb.DataHeader(method="Push"), pieces)
+    thread.join(timeout=30)
+    assert received[0][0].method == "Push" and received[0][0].body_length == len(expected)
+    assert received[0][1] == expected
