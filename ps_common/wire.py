@@ -193,7 +193,8 @@ def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[
 # InitRequest and PushRequest share their layout: header = 1, chunks = 2.
 request_parts = _parts_of(1, 2)  # for a socket's gather write, which needs no join
 encode_request = _joined(request_parts)
-encode_pull = _joined(_parts_of(None, 1))
+pull_parts = _parts_of(None, 1)
+encode_pull = _joined(pull_parts)
 decode_init = _decoder(pb.InitHeader, 2)
 decode_push = _decoder(pb.PushHeader, 2)
 decode_pull = _decoder(None, 1)
@@ -247,7 +248,7 @@ def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Ser
         "PushOne": grpc.unary_unary_rpc_method_handler(
             servicer.PushOne, decode_push, pb.PushResponse.SerializeToString
         ),
-        # The servicer serializes its answers itself (with encode_pull).
+        # The servicer serializes its answers itself (from wire.pull_parts).
         "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, lenient(pb.PullRequest), None),
         "PullOne": grpc.unary_unary_rpc_method_handler(servicer.PullOne, lenient(pb.PullRequest), None),
         "Stats": grpc.unary_unary_rpc_method_handler(

@@ -193,7 +193,7 @@ class DataServer:
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Pull":
                 request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(body)))  # Malformed: refused
-                for message in self._service.Pull(request, context):
+                for message in self._service.pull_parts(request, context):
                     data_channel.write(sock, pb.DataHeader(), message)
                 data_channel.write(sock, pb.DataHeader(last=True))
             else:

@@ -138,6 +138,13 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
 
     @_status_errors
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        for parts in self._pull(request, context, self.config.chunk_bytes):
+            yield b"".join(parts)
+
+    @_status_errors
+    def pull_parts(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[list[Any]]:
+        """Pull's answer for a transport that writes each message from its
+        pieces without joining them (the data channel's gather write)."""
         yield from self._pull(request, context, self.config.chunk_bytes)
 
     @_status_errors
@@ -147,11 +154,12 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         messages = list(itertools.islice(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES), 2))
         if len(messages) > 1:
             raise InvalidArgument("the answer takes more than one message; use Pull for keys this large")
-        return messages[0] if messages else b""
+        return b"".join(messages[0]) if messages else b""
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int) -> Iterator[bytes]:
+    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int) -> Iterator[list[Any]]:
         """The serialized PullResponses answering `request` (at most `chunk_bytes`
-        of tensor data each), once it may read."""
+        of tensor data each), once it may read; each as its pieces, which
+        are views of the live weights where those hold still (BSP)."""
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -166,17 +174,21 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             chunk for item in pulled for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse)
         )
         batches = codec.batched(chunks, chunk_bytes)
+        hold_still = self.shard.values_hold_still()
         sent = 0
         while True:
-            # Chunks are views of the live weights: cut and serialize each
-            # message under the lock, so it is one consistent copy.
+            # Chunks are views of the live weights. Where an update may come
+            # meanwhile, each message is copied under the lock, so it is one
+            # consistent copy; elsewhere the views go out as they are.
             with self.shard.reading():
                 batch = next(batches, None)
                 if batch is None:
                     break
-                message = wire.encode_pull(wire.Frame(chunks=batch))
+                parts = wire.pull_parts(wire.Frame(chunks=batch))
+                if not hold_still:
+                    parts = [b"".join(parts)]
             sent += sum(len(c.data) + len(c.indices) for c in batch)
-            yield message
+            yield parts
         self.shard.count("bytes_out", sent)
 
     @_status_errors
@@ -197,6 +209,7 @@ class RunningServer:
 
     server: grpc.Server
     shard: Shard
+    service: ParameterService
     health: health.HealthServicer
     port: int
     address: str
@@ -268,8 +281,9 @@ def start_server(config: ServerConfig) -> RunningServer:
         f", metrics on :{metrics_port}" if metrics_port else "",
     )  # fmt: skip
     return RunningServer(
-        server, shard, health_servicer, port, address, metrics_port, checkpointer, executor, metrics_http, data_server
-    )
+        server, shard, servicer, health_servicer, port, address, metrics_port, checkpointer, executor, metrics_http,
+        data_server,
+    )  # fmt: skip
 
 
 def _start_data_channel(service: ParameterService, config: ServerConfig) -> DataServer | None:

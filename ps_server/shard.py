@@ -73,7 +73,7 @@ class _Push:
 @dataclass
 class PulledKey:
     key: str
-    value: torch.Tensor  # the live tensor: read it only inside `Shard.reading()`
+    value: torch.Tensor  # the live tensor: see Shard.pull
     version: int
     sparse: bool  # pruned: worth trying the sparse encoding
 
@@ -400,9 +400,9 @@ class Shard:
 
         The values are the live tensors, not copies (a copy of the whole shard
         per pull would double the server's memory): read them inside
-        `reading()`, a piece at a time. In BSP they cannot change until this
-        worker has pushed again; in ASP each piece read is whole, and pieces
-        may come from successive updates, as in any asynchronous server."""
+        `reading()`, a piece at a time, unless `values_hold_still()`. In ASP
+        each piece read is whole, and pieces may come from successive
+        updates, as in any asynchronous server."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._require_job()
@@ -461,6 +461,15 @@ class Shard:
         return [w for w in workers if self._clock.get(w, 0) < needed]
 
     # -- introspection and lifecycle ---------------------------------------------------
+
+    def values_hold_still(self) -> bool:
+        """Whether pulled values stay as they are until the puller pushes
+        again, so that they may be sent without a copy: in BSP no update
+        comes before every live worker's next push. (A worker silent for
+        `worker_timeout` in the middle of a pull stops holding the others
+        back and may read a later update midway; its next push is then too
+        late and is dropped, so what it read cannot reach the model.)"""
+        return self.job is not None and self.job.mode == pb.BSP
 
     def reading(self) -> threading.Condition:
         """Hold this while reading pulled values: no update runs meanwhile."""

@@ -6,11 +6,14 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import pytest
 import torch
 
+from ps_common import codec, wire
 from ps_common.errors import WaitTimeout
+from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from tests.training import SPLITTING, batches, loss_of, max_difference, small_model, train_local
@@ -95,6 +98,36 @@ def test_asp_applies_every_push_on_arrival_without_waiting() -> None:
         assert torch.allclose(b.weight.detach(), start - 0.4)
         stats = opt_a.client.stats()[0]
         assert [k.version for k in stats.keys] == [4, 4]
+
+
+class _Context:
+    """The little of a gRPC context that ParameterService uses."""
+
+    def time_remaining(self) -> None:
+        return None
+
+    def abort(self, code: object, details: str) -> None:
+        raise AssertionError(details)
+
+
+def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes_before_it_is_sent() -> None:
+    """In ASP a push may be applied while a Pull answer is still on its way:
+    each message is copied when cut (BSP sends views: nothing can change)."""
+    with InProcessCluster() as cluster, PSClient(cluster.addresses, 0, 1) as client:
+        model = torch.nn.Linear(2, 1)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                   named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
+        service = cluster.servers[0].service
+        first = next(service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context()))  # cut, not yet sent
+        before = _decoded(first)
+        _step(model, opt, 1.0)  # applied at once
+        assert all(torch.equal(value, before[key]) for key, value in _decoded(first).items())
+        after = _decoded(next(service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())))
+        assert all(torch.allclose(after[key], before[key] - 0.1) for key in before)
+
+
+def _decoded(parts: list[Any]) -> dict[str, torch.Tensor]:
+    return codec.receive([wire.decode_pull_strict(b"".join(parts))], codec.new_tensor_for)
 
 
 def test_asp_can_scale_a_stale_push_learning_rate_down_by_its_staleness() -> None:
