@@ -60,16 +60,29 @@ def dtype_from_proto(code: pb.DType) -> torch.dtype:
         raise InvalidArgument(f"unknown or unspecified dtype code {code}") from None
 
 
+class Streamed(Protocol):
+    """Bytes still in a connection (ps_common.wire reads them): `readinto`
+    moves them straight into their destination, without a buffer between."""
+
+    def __len__(self) -> int: ...
+    def __bytes__(self) -> bytes: ...
+    def readinto(self, dest: memoryview) -> None: ...
+
+
+Data = bytes | memoryview | Streamed
+
+
 @dataclass
 class Chunk:
     """A TensorChunk (see proto/ps.proto) whose data and indices may be views
-    of memory owned elsewhere, so they travel without copies."""
+    of memory owned elsewhere, or (data) still in the connection, so they
+    travel without copies."""
 
     key: str
     dtype: pb.DType = pb.DTYPE_UNSPECIFIED
     shape: Sequence[int] = field(default_factory=list)
     offset: int = 0
-    data: bytes | memoryview = b""
+    data: Data = b""
     absent: bool = False
     sparse: bool = False
     indices: bytes | memoryview = b""
@@ -94,7 +107,7 @@ class ChunkLike(Protocol):
     @property
     def offset(self) -> int: ...
     @property
-    def data(self) -> bytes | memoryview: ...
+    def data(self) -> Data: ...
     @property
     def absent(self) -> bool: ...
     @property
@@ -239,7 +252,7 @@ class ChunkAssembler:
         if chunk.sparse:
             _scatter(key, chunk, tensor[chunk.offset : chunk.offset + chunk.length])
         else:
-            pending.dest[start:stop] = np.frombuffer(chunk.data, dtype=np.uint8)
+            _copy_into(pending.dest[start:stop], chunk.data)
         pending.filled = stop
         self.bytes_received += len(chunk.data) + len(chunk.indices)
         if stop == pending.dest.size and self._on_complete is not None:
@@ -250,6 +263,19 @@ class ChunkAssembler:
         if incomplete:
             raise InvalidArgument(f"stream ended before these keys were complete: {incomplete}")
         return self._tensors
+
+
+def _copy_into(dest: np.ndarray, data: Data) -> None:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        dest[:] = np.frombuffer(data, dtype=np.uint8)
+    else:
+        data.readinto(memoryview(dest))  # type: ignore[arg-type]
+
+
+def _writable_copy(data: Data) -> bytearray:
+    out = bytearray(len(data))
+    _copy_into(np.frombuffer(out, dtype=np.uint8), data)
+    return out
 
 
 def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
@@ -264,12 +290,12 @@ def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
         raise InvalidArgument(f"key {key!r}: sparse index outside its chunk of {chunk.length} elements")
     dest.zero_()
     if indices is not None:
-        dest[indices] = torch.frombuffer(bytearray(chunk.data), dtype=dest.dtype)
+        dest[indices] = torch.frombuffer(_writable_copy(chunk.data), dtype=dest.dtype)
 
 
 class HasChunks(Protocol):
     @property
-    def chunks(self) -> Sequence[ChunkLike]: ...
+    def chunks(self) -> Iterable[ChunkLike]: ...
 
 
 def receive(

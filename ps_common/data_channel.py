@@ -4,9 +4,11 @@ gRPC Python spends about twice a plain socket's CPU per byte it moves
 (benchmarks/wire.py measures both), and on a parameter server Init, Push
 and Pull carry nearly every byte. So they may travel on a TCP connection
 of their own beside gRPC (with TLS when gRPC has it): the same protobuf
-messages as on gRPC, each after a small DataHeader, read into one reused
-buffer per connection and written with sendall. The messages' 4 MiB limit
-is gRPC's default, so one chunking serves both transports.
+messages as on gRPC, each after a small DataHeader, written from the
+tensors' memory by gather writes and read, tensor data straight into its
+destination tensor (ps_common.wire), everything else into one reused
+buffer per connection. The messages' 4 MiB limit is gRPC's default, so one
+chunking serves both transports.
 """
 
 from __future__ import annotations
@@ -90,26 +92,35 @@ def _send_gathered(sock: socket.socket, parts: list[Any]) -> None:
 
 
 class Receiver:
-    """Reads one connection's messages into one buffer, reused: a fresh
-    4 MiB buffer per message costs more (zeroing, page faults) than the
-    copy out of it. So a message's body is valid until the next read."""
+    """Reads one connection's messages. A body is either read whole, into
+    one buffer reused (valid until the next read), or left in `stream` for
+    a reader that takes its bytes straight to where they belong
+    (wire.read_push and read_pull: tensor data into its tensor)."""
 
     def __init__(self, stream: io.BufferedIOBase, body_limit: int = BODY_LIMIT) -> None:
-        self._stream = stream
+        self.stream = stream
         self._limit = body_limit
         self._buffer = bytearray()
 
     def read(self) -> tuple[pb.DataHeader, memoryview]:
-        """The next message. Raises Closed at a clean end of the stream before it,
-        ChannelError(INVALID_ARGUMENT) for a header or body that breaks the rules."""
-        header = _read_header(self._stream, self._limit)
+        """The next message, its body whole."""
+        header = self.read_header()
+        return header, self.read_body(header)
+
+    def read_header(self) -> pb.DataHeader:
+        """The next message's header; its body (`body_length` bytes) follows in
+        `stream`. Raises Closed at a clean end of the stream before it,
+        ChannelError(INVALID_ARGUMENT) for a header that breaks the rules."""
+        return _read_header(self.stream, self._limit)
+
+    def read_body(self, header: pb.DataHeader) -> memoryview:
         size = header.body_length
         if len(self._buffer) < size:
             self._buffer = bytearray(size)
         body = memoryview(self._buffer)[:size]
-        if size and self._stream.readinto(body) != size:
+        if size and self.stream.readinto(body) != size:
             raise Closed("connection closed in the middle of a message")
-        return header, body
+        return body
 
 
 def _read_header(stream: io.BufferedIOBase, body_limit: int) -> pb.DataHeader:

@@ -5,9 +5,11 @@ Building a protobuf message copies each `bytes` field several times (into
 the message, into a parent message, into the serialized string; and back on
 the other side). For tensors that is most of the cost of a transfer. Here a
 Frame's chunk data stays a view of the tensor until one join makes the
-serialized message, and incoming data stays a view of the received bytes
-until it is copied into its destination tensor: two copies per side
-instead of five.
+serialized message (or, on the data channel, until a gather write sends
+it), and incoming data stays a view of the received bytes until it is
+copied into its destination tensor (or, on the data channel, stays in the
+connection until it is read straight into that tensor): at most two copies
+per side instead of five, none on the data channel beyond the kernel's.
 
 The bytes are exactly those of the messages in proto/ps.proto, so any
 protobuf client or server interoperates (the tests talk to our server with
@@ -17,7 +19,8 @@ else uses the generated classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +43,8 @@ class Frame:
     """One InitRequest, PushRequest or PullResponse: an optional header and chunks."""
 
     header: Any = None  # InitHeader, PushHeader, or None
-    chunks: list[Chunk] = field(default_factory=list)
+    # Read from a connection: an iterator that reads each chunk as it goes.
+    chunks: Iterable[Chunk] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -109,85 +113,224 @@ def _joined(parts_of: Callable[[Frame], list[Any]]) -> Callable[[Frame], bytes]:
 # -- reading ---------------------------------------------------------------------------
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+class _Bytes:
+    """A message held in memory (gRPC's): bulk fields are views of it."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    @property
+    def left(self) -> int:
+        return len(self._view) - self._pos
+
+    def read(self, size: int) -> memoryview:
+        if size > self.left:
+            raise DecodeError("field runs past the end of the message")
+        self._pos += size
+        return self._view[self._pos - size : self._pos]
+
+    def bulk(self, size: int, last_of_chunk: bool) -> memoryview:
+        return self.read(size)
+
+
+class _Stream:
+    """A message still arriving on a connection (the data channel's), read
+    in order and never past its end: a chunk's data that ends the chunk
+    stays in the connection as an Incoming, so that it is read straight
+    into its destination."""
+
+    def __init__(self, stream: io.BufferedIOBase, size: int) -> None:
+        self._stream = stream
+        self.left = size
+
+    def read(self, size: int) -> bytes:
+        if size > self.left:
+            raise DecodeError("field runs past the end of the message")
+        data = self._stream.read(size)
+        self._consumed(size, len(data))
+        return data
+
+    def readinto(self, dest: memoryview) -> None:
+        self._consumed(len(dest), self._stream.readinto(dest) or 0)
+
+    def _consumed(self, wanted: int, got: int) -> None:
+        self.left -= got
+        if got != wanted:
+            raise ConnectionError("connection closed in the middle of a message")
+
+    def bulk(self, size: int, last_of_chunk: bool) -> bytes | Incoming:
+        if not last_of_chunk:
+            return self.read(size)
+        if size > self.left:
+            raise DecodeError("field runs past the end of the message")
+        return Incoming(self, size)
+
+
+class Incoming:
+    """A chunk's data still in the connection (codec.Streamed): read it
+    with `readinto` before the next chunk, or it is skipped."""
+
+    def __init__(self, source: _Stream, size: int) -> None:
+        self._source = source
+        self._size = size
+        self.read = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readinto(self, dest: memoryview) -> None:
+        if self.read or len(dest) != self._size:
+            raise ValueError(f"Incoming of {self._size} bytes read twice or into {len(dest)} bytes")
+        self.read = True
+        self._source.readinto(dest)
+
+    def __bytes__(self) -> bytes:
+        out = bytearray(self._size)
+        self.readinto(memoryview(out))
+        return bytes(out)
+
+    def skip(self) -> None:
+        if not self.read:
+            self.read = True
+            self._source.read(self._size)
+
+
+_Body = _Bytes | _Stream
+
+
+def _varint_of(body: _Body) -> int:
     result = shift = 0
     while True:
-        if pos >= len(view) or shift > 63:
-            raise DecodeError("truncated or overlong varint")
-        byte = view[pos]
-        pos += 1
+        if shift > 63:
+            raise DecodeError("overlong varint")
+        byte = body.read(1)[0]
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
-            return result, pos
+            return result
         shift += 7
 
 
-def _fields(view: memoryview) -> list[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end) of each field; LEN fields' ranges
-    are their payloads, the others' their whole encoding (tag included)."""
-    out = []
-    pos = 0
-    while pos < len(view):
-        start = pos
-        tag, pos = _read_varint(view, pos)
-        number, wire_type = tag >> 3, tag & 7
-        if number == 0:
-            raise DecodeError("field number 0")
-        if wire_type == _VARINT:
-            _, pos = _read_varint(view, pos)
-            out.append((number, wire_type, start, pos))
-        elif wire_type in (_FIXED64, _FIXED32):
-            pos += 8 if wire_type == _FIXED64 else 4
-            out.append((number, wire_type, start, pos))
-        elif wire_type == _LEN:
-            size, pos = _read_varint(view, pos)
-            out.append((number, wire_type, pos, pos + size))
-            pos += size
-        else:
-            raise DecodeError(f"unsupported wire type {wire_type}")
-        if pos > len(view):
-            raise DecodeError("field runs past the end of the message")
-    return out
+def _tag_of(body: _Body) -> tuple[int, int]:
+    tag = _varint_of(body)
+    if tag >> 3 == 0:
+        raise DecodeError("field number 0")
+    return tag >> 3, tag & 7
 
 
-def _read_chunk(view: memoryview) -> Chunk:
-    """A TensorChunk: its small fields parsed by protobuf, data and indices kept as views."""
-    bulk: dict[int, memoryview] = {}
+def _field_of(body: _Body, number: int, wire_type: int) -> bytes:
+    """The rest of a field whose tag was just read, encoded again whole."""
+    tag = _varint(number << 3 | wire_type)
+    if wire_type == _VARINT:
+        return tag + _varint(_varint_of(body))
+    if wire_type in (_FIXED64, _FIXED32):
+        return tag + bytes(body.read(8 if wire_type == _FIXED64 else 4))
+    if wire_type == _LEN:
+        size = _varint_of(body)
+        return tag + _varint(size) + bytes(body.read(size))
+    raise DecodeError(f"unsupported wire type {wire_type}")
+
+
+def _read_chunk(body: _Body, size: int) -> Chunk:
+    """A TensorChunk of `size` bytes: its small fields parsed by protobuf,
+    data and indices kept as views (or, data, left in the connection)."""
+    end = body.left - size
+    if end < 0:
+        raise DecodeError("field runs past the end of the message")
+    bulk: dict[int, Any] = {}
     meta = bytearray()
-    for number, wire_type, start, end in _fields(view):
+    while body.left > end:
+        number, wire_type = _tag_of(body)
         if number in (_DATA, _INDICES) and wire_type == _LEN:
-            bulk[number] = view[start:end]
-        elif wire_type == _LEN:  # re-emit tag and length before the payload
-            meta += _length_delimited(number, end - start) + view[start:end]
+            length = _varint_of(body)
+            if length > body.left - end:
+                raise DecodeError("field runs past the end of its chunk")
+            last = number == _DATA and body.left - length == end
+            bulk[number] = body.bulk(length, last_of_chunk=last)
+            if last:
+                break  # a _Stream has not read it yet
         else:
-            meta += view[start:end]
+            meta += _field_of(body, number, wire_type)
+        if body.left < end:
+            raise DecodeError("field runs past the end of its chunk")
     parsed = pb.TensorChunk.FromString(bytes(meta))
     return Chunk(
         key=parsed.key, dtype=parsed.dtype, shape=list(parsed.shape), offset=parsed.offset,
-        data=bulk.get(_DATA, memoryview(b"")), absent=parsed.absent, sparse=parsed.sparse,
-        indices=bulk.get(_INDICES, memoryview(b"")), length=parsed.length,
+        data=bulk.get(_DATA, b""), absent=parsed.absent, sparse=parsed.sparse,
+        indices=bulk.get(_INDICES, b""), length=parsed.length,
     )  # fmt: skip
 
 
-def _decoder(header_type: type[Message] | None, chunks_field: int) -> Callable[[bytes | memoryview], Frame | Malformed]:
-    header_field = 1
+def _next_chunk(body: _Body, chunks_field: int, header_field: int | None) -> int | None:
+    """Skip to the next chunk; its size, or None at the end of the message.
+    Fields are expected in number order (as every protobuf serializer
+    writes them), so that the header is known before the first chunk."""
+    while body.left:
+        number, wire_type = _tag_of(body)
+        if number == chunks_field and wire_type == _LEN:
+            return _varint_of(body)
+        if number == header_field:
+            raise DecodeError("the header comes after chunks")
+        _field_of(body, number, wire_type)  # not one of ours: skipped, as protobuf skips unknown fields
+    return None
+
+
+def _chunks(body: _Body, chunks_field: int, header_field: int | None, size: int | None) -> Iterator[Chunk]:
+    while size is not None:
+        chunk = _read_chunk(body, size)
+        yield chunk
+        if isinstance(chunk.data, Incoming):
+            chunk.data.skip()  # what the consumer left unread
+        size = _next_chunk(body, chunks_field, header_field)
+
+
+def _malformed_as_invalid(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    try:
+        yield from chunks
+    except (DecodeError, ValueError) as exc:
+        raise InvalidArgument(f"malformed message: {exc}") from None
+
+
+Decoder = Callable[[bytes | memoryview], "Frame | Malformed"]
+Reader = Callable[[io.BufferedIOBase, int], "Frame | Malformed"]
+
+
+def _decoder(header_type: type[Message] | None, chunks_field: int) -> tuple[Decoder, Reader]:
+    """(decode, read): a message from memory, its chunks parsed at once; or
+    from a stream, its chunks parsed as the caller iterates them, each
+    chunk's data read by its consumer."""
+    header_field = 1 if header_type is not None else None
+
+    def start(body: _Body) -> tuple[Any, int | None]:
+        """The header (if the message has one) and the first chunk's size."""
+        header = None
+        while body.left:
+            number, wire_type = _tag_of(body)
+            if number == chunks_field and wire_type == _LEN:
+                return header, _varint_of(body)
+            if number == header_field and wire_type == _LEN and header_type is not None:
+                header = header_type.FromString(bytes(body.read(_varint_of(body))))
+            else:
+                _field_of(body, number, wire_type)  # not one of ours: skipped
+        return header, None
 
     def decode(data: bytes | memoryview) -> Frame | Malformed:
-        view = memoryview(data)
-        frame = Frame()
+        body = _Bytes(data)
         try:
-            for number, wire_type, start, end in _fields(view):
-                if wire_type != _LEN:
-                    continue  # not one of ours: skipped, as protobuf skips unknown fields
-                if number == chunks_field:
-                    frame.chunks.append(_read_chunk(view[start:end]))
-                elif header_type is not None and number == header_field:
-                    frame.header = header_type.FromString(bytes(view[start:end]))
+            header, size = start(body)
+            return Frame(header, list(_chunks(body, chunks_field, header_field, size)))
         except (DecodeError, ValueError) as exc:
             return Malformed(f"malformed message: {exc}")
-        return frame
 
-    return decode
+    def read(stream: io.BufferedIOBase, size: int) -> Frame | Malformed:
+        body = _Stream(stream, size)
+        try:
+            header, first = start(body)
+        except (DecodeError, ValueError) as exc:
+            return Malformed(f"malformed message: {exc}")
+        return Frame(header, _malformed_as_invalid(_chunks(body, chunks_field, header_field, first)))
+
+    return decode, read
 
 
 # InitRequest and PushRequest share their layout: header = 1, chunks = 2.
@@ -195,9 +338,9 @@ request_parts = _parts_of(1, 2)  # for a socket's gather write, which needs no j
 encode_request = _joined(request_parts)
 pull_parts = _parts_of(None, 1)
 encode_pull = _joined(pull_parts)
-decode_init = _decoder(pb.InitHeader, 2)
-decode_push = _decoder(pb.PushHeader, 2)
-decode_pull = _decoder(None, 1)
+decode_init, read_init = _decoder(pb.InitHeader, 2)
+decode_push, read_push = _decoder(pb.PushHeader, 2)
+decode_pull, read_pull = _decoder(None, 1)
 
 
 def lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
@@ -213,7 +356,14 @@ def lenient(message: type[Message]) -> Callable[[bytes], Message | Malformed]:
 
 
 def decode_pull_strict(data: bytes | memoryview) -> Frame:
-    frame = decode_pull(data)
+    return _strict(decode_pull(data))
+
+
+def read_pull_strict(stream: io.BufferedIOBase, size: int) -> Frame:
+    return _strict(read_pull(stream, size))
+
+
+def _strict(frame: Frame | Malformed) -> Frame:
     if isinstance(frame, Malformed):
         raise InvalidArgument(f"server sent a {frame.reason}")
     return frame

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -159,7 +159,7 @@ class DataServer:
     def _call(self, sock: socket.socket, receiver: data_channel.Receiver) -> bool:
         """Serve one call; False when the connection must close after it."""
         try:
-            header, body = receiver.read()
+            header = receiver.read_header()
         except data_channel.Closed:
             return False  # the client left between calls
         except ChannelError as exc:
@@ -172,27 +172,26 @@ class DataServer:
             self._busy += 1
             self.calls += 1
         try:
-            return self._dispatch(sock, receiver, header, body)
+            return self._dispatch(sock, receiver, header)
         finally:
             with self._lock:
                 self._busy -= 1
                 self._lock.notify_all()
 
-    def _dispatch(
-        self, sock: socket.socket, receiver: data_channel.Receiver, header: pb.DataHeader, body: memoryview
-    ) -> bool:
+    def _dispatch(self, sock: socket.socket, receiver: data_channel.Receiver, header: pb.DataHeader) -> bool:
         context = _CallContext(header.timeout)
         try:
             self._authenticate(header)
             if header.method in ("Push", "Init"):
-                method, decode = (
-                    (self._service.Push, wire.decode_push) if header.method == "Push" else
-                    (self._service.Init, wire.decode_init)
+                method, read = (
+                    (self._service.Push, wire.read_push) if header.method == "Push" else
+                    (self._service.Init, wire.read_init)
                 )  # fmt: skip
-                response = method(self._client_stream(receiver, header, body, decode), context)
+                response = method(self._client_stream(receiver, header, read), context)
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Pull":
-                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(body)))  # Malformed: refused
+                body = bytes(receiver.read_body(header))
+                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(body))  # Malformed: refused
                 for message in self._service.pull_parts(request, context):
                     data_channel.write(sock, pb.DataHeader(), message)
                 data_channel.write(sock, pb.DataHeader(last=True))
@@ -213,20 +212,20 @@ class DataServer:
         return True
 
     def _client_stream(
-        self,
-        receiver: data_channel.Receiver,
-        header: pb.DataHeader,
-        body: memoryview,
-        decode: Callable[[memoryview], wire.Frame | wire.Malformed],
+        self, receiver: data_channel.Receiver, header: pb.DataHeader, read: wire.Reader
     ) -> Iterator[wire.Frame | wire.Malformed]:
-        """A Push or Init stream's messages, decoded as they arrive (until the
-        one marked last); each is used up before the next read reuses its buffer."""
+        """A Push or Init stream's messages (until the one marked last), each
+        read from the connection as its chunks are used."""
         while True:
-            if len(body) or not header.last:
-                yield decode(body)
+            if header.body_length or not header.last:
+                message = read(receiver.stream, header.body_length)
+                yield message
+                if isinstance(message, wire.Frame):
+                    for _ in message.chunks:  # what the service left unread, skipped
+                        pass
             if header.last:
                 return
-            header, body = receiver.read()
+            header = receiver.read_header()
 
     def _authenticate(self, header: pb.DataHeader) -> None:
         if self._token is not None and not hmac.compare_digest(header.auth_token.encode(), self._token):

@@ -171,10 +171,13 @@ class ServerStub:
             header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
             self._send(connection, header, request.SerializeToString())
             while True:
-                header, body = self._answer(connection)
+                header = self._answer_header(connection)
                 if header.last:
                     return
-                yield wire.decode_pull_strict(body)
+                message = wire.read_pull_strict(connection.stream, header.body_length)
+                yield message
+                for _ in message.chunks:  # what the caller left unread, skipped
+                    pass
 
     def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes | list[Any] = b"") -> None:
         try:
@@ -187,10 +190,16 @@ class ServerStub:
 
     def _answer(self, connection: _Connection) -> tuple[pb.DataHeader, memoryview]:
         """The server's next message; its status raised as a ChannelError."""
-        header, body = connection.receiver.read()
+        header = self._answer_header(connection)
+        return header, connection.receiver.read_body(header)
+
+    @staticmethod
+    def _answer_header(connection: _Connection) -> pb.DataHeader:
+        """The server's next message's header (the body follows); its status raised as a ChannelError."""
+        header = connection.receiver.read_header()
         if header.last and header.code != 0:
             raise ChannelError(data_channel.status_code(header.code), header.details)
-        return header, body
+        return header
 
     @contextmanager
     def _connected(self, timeout: float) -> Iterator[_Connection]:

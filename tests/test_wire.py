@@ -3,6 +3,9 @@ we write the generated classes read, and what they write we read."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable
+
 import grpc
 import pytest
 import torch
@@ -10,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ps_common import codec, wire
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_worker import DistributedOptimizer, PSClient
@@ -59,6 +63,64 @@ def test_unknown_fields_are_skipped_as_protobuf_does() -> None:
     extra = bytes([15 << 3 | 0, 42, 14 << 3 | 2, 3]) + b"abc"  # field 15 varint, field 14 bytes
     decoded = wire.decode_push(extra + wire.encode_request(frame))
     assert isinstance(decoded, wire.Frame) and len(decoded.chunks) == len(frame.chunks)
+
+
+def _assembled(chunks: Iterable[codec.ChunkLike]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    assembler = codec.ChunkAssembler(codec.new_tensor_for)
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.finish(), assembler.absent
+
+
+@pytest.mark.parametrize("writer", ["ours", "protobuf"])
+def test_a_message_read_from_a_connection_gives_what_it_gives_from_memory(writer: str) -> None:
+    frame = _sample_frame()
+    data = wire.encode_request(frame) if writer == "ours" else _proto(frame).SerializeToString()
+    stream = io.BytesIO(data + b"next")  # the connection's next message: not to be touched
+    streamed = wire.read_push(stream, len(data))
+    in_memory = wire.decode_push(data)
+    assert isinstance(streamed, wire.Frame) and isinstance(in_memory, wire.Frame)
+    assert streamed.header == frame.header
+    tensors, absent = _assembled(streamed.chunks)
+    expected, expected_absent = _assembled(in_memory.chunks)
+    assert tensors.keys() == expected.keys() and absent == expected_absent == {"bias"}
+    assert all(torch.equal(tensors[key], expected[key]) for key in expected)
+    assert stream.read() == b"next"
+
+
+def test_dense_data_stays_in_the_connection_until_read_and_is_skipped_if_not() -> None:
+    frame = _sample_frame()
+    data = wire.encode_request(frame)
+    stream = io.BytesIO(data + b"next")
+    streamed = wire.read_push(stream, len(data))
+    assert isinstance(streamed, wire.Frame)
+    chunks = []
+    for chunk in streamed.chunks:  # data never read: each is skipped for the next chunk
+        chunks.append((chunk.key, type(chunk.data)))
+    assert chunks == [(c.key, wire.Incoming if len(c.data) and not c.sparse else bytes) for c in frame.chunks]
+    assert stream.read() == b"next"
+
+
+def test_a_header_after_chunks_is_refused() -> None:
+    frame = _sample_frame()
+    data = wire.encode_request(wire.Frame(chunks=frame.chunks)) + wire.encode_request(wire.Frame(header=frame.header))
+    assert isinstance(wire.decode_push(data), wire.Malformed)
+    streamed = wire.read_push(io.BytesIO(data), len(data))
+    assert isinstance(streamed, wire.Frame)
+    with pytest.raises(InvalidArgument, match="the header comes after chunks"):
+        _assembled(streamed.chunks)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_connection_closed_in_the_middle_of_a_message_is_noticed(data: st.DataObject) -> None:
+    encoded = wire.encode_request(_sample_frame())
+    cut = data.draw(st.integers(0, len(encoded) - 1))
+    with pytest.raises((ConnectionError, InvalidArgument)):
+        streamed = wire.read_push(io.BytesIO(encoded[:cut]), len(encoded))
+        if isinstance(streamed, wire.Malformed):
+            raise InvalidArgument(streamed.reason)
+        _assembled(streamed.chunks)
 
 
 @settings(max_examples=200, deadline=None)
