@@ -133,25 +133,45 @@ def tensor_to_chunks(
     tensor, so callers must not change it until the chunks are sent.
     """
     flat = tensor.detach().contiguous().reshape(-1)
-    dtype, shape = dtype_to_proto(flat.dtype), list(tensor.shape)
-    itemsize = flat.element_size()
+    shape = list(tensor.shape)
+    for offset, stop in _chunk_ranges(flat.numel(), flat.element_size(), chunk_bytes):
+        part = flat[offset:stop]
+        if sparse_if_smaller and _sparse_is_smaller(int(torch.count_nonzero(part)), part.numel(), part.element_size()):
+            indices = torch.nonzero(part).view(-1)
+            yield _sparse_chunk(key, shape, offset, stop - offset, indices, part[indices])
+        else:
+            yield _dense_chunk(key, shape, offset, part)
+
+
+def sparse_to_chunks(
+    key: str, indices: torch.Tensor, values: torch.Tensor, length: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Chunk]:
+    """The chunks of a flat tensor of `length` elements, zero but for `values`
+    at the sorted `indices`, as tensor_to_chunks(..., sparse_if_smaller=True)
+    cuts it, without making the tensor or searching it for its non-zeros."""
+    ranges = list(_chunk_ranges(length, values.element_size(), chunk_bytes))
+    starts = torch.tensor([offset for offset, _ in ranges] + [length], dtype=indices.dtype)
+    bounds = torch.searchsorted(indices, starts).tolist()
+    for (offset, stop), low, high in zip(ranges, bounds[:-1], bounds[1:], strict=True):
+        local, part_values = indices[low:high] - offset, values[low:high]
+        if _sparse_is_smaller(high - low, stop - offset, values.element_size()):
+            yield _sparse_chunk(key, [length], offset, stop - offset, local, part_values)
+        else:
+            part = values.new_zeros(stop - offset)
+            part[local] = part_values
+            yield _dense_chunk(key, [length], offset, part)
+
+
+def _chunk_ranges(numel: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) element ranges of at most `chunk_bytes`; one empty range
+    for an empty tensor, which still travels (its shape does)."""
     per_chunk = max(1, chunk_bytes // itemsize)
-    raw = _byte_view(flat)
     offset = 0
     while True:
-        stop = min(offset + per_chunk, flat.numel())
-        sparse = _sparse_chunk(flat[offset:stop], itemsize) if sparse_if_smaller else None
-        if sparse is not None:
-            indices, values = sparse
-            yield Chunk(
-                key=key, dtype=dtype, shape=shape, offset=offset, sparse=True, indices=indices, data=values,
-                length=stop - offset,
-            )  # fmt: skip
-        else:
-            data = memoryview(raw[offset * itemsize : stop * itemsize])  # type: ignore[arg-type]
-            yield Chunk(key=key, dtype=dtype, shape=shape, offset=offset, data=data)
+        stop = min(offset + per_chunk, numel)
+        yield offset, stop
         offset = stop
-        if offset >= flat.numel():
+        if offset >= numel:
             return
 
 
@@ -159,13 +179,25 @@ def tensor_to_chunks(
 _INDEX_BYTES = 4
 
 
-def _sparse_chunk(part: torch.Tensor, itemsize: int) -> tuple[bytes, bytes] | None:
-    """(indices, values) bytes of `part`'s non-zeros, or None if dense is smaller."""
-    nonzeros = int(torch.count_nonzero(part))
-    if nonzeros * (_INDEX_BYTES + itemsize) >= part.numel() * itemsize:
-        return None
-    indices = torch.nonzero(part).view(-1).to(torch.int32)
-    return _byte_view(indices).tobytes(), _byte_view(part[indices.long()]).tobytes()
+def _sparse_is_smaller(nonzeros: int, numel: int, itemsize: int) -> bool:
+    return nonzeros * (_INDEX_BYTES + itemsize) < numel * itemsize
+
+
+def _dense_chunk(key: str, shape: list[int], offset: int, part: torch.Tensor) -> Chunk:
+    """A chunk whose data is a view of `part`'s memory."""
+    return Chunk(key=key, dtype=dtype_to_proto(part.dtype), shape=shape, offset=offset,
+                 data=memoryview(_byte_view(part)))  # type: ignore[arg-type]  # fmt: skip
+
+
+def _sparse_chunk(
+    key: str, shape: list[int], offset: int, length: int, indices: torch.Tensor, values: torch.Tensor
+) -> Chunk:
+    """`values` at `indices` (counted from `offset`), the rest of the `length` elements zero."""
+    return Chunk(
+        key=key, dtype=dtype_to_proto(values.dtype), shape=shape, offset=offset, sparse=True,
+        indices=_byte_view(indices.to(torch.int32)).tobytes(), data=_byte_view(values).tobytes(),
+        length=length,
+    )  # fmt: skip
 
 
 def batched(chunks: Iterable[Chunk], max_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list[Chunk]]:

@@ -160,7 +160,7 @@ class PSClient:
             hello = self._wait_for_server(server, initialized=self.worker_id != 0)
             if self.worker_id == 0:
                 flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
-                values = {p.key: Payload(flat[p.name][p.start : p.stop], False) for p in self._pieces[server]}
+                values = {p.key: Payload(flat[p.name][p.start : p.stop]) for p in self._pieces[server]}
                 header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
                 stream = self._messages(header, self._pieces[server], values)
                 self._call(server, lambda stub: stub.init(stream, timeout=self.config.timeout))
@@ -244,9 +244,7 @@ class PSClient:
                 if payload is None:
                     yield codec.absent_chunk(piece.key)
                     continue
-                for chunk in codec.tensor_to_chunks(
-                    piece.key, payload.values, self.config.chunk_bytes, sparse_if_smaller=payload.sparse
-                ):
+                for chunk in payload.chunks(piece.key, self.config.chunk_bytes):
                     if counted:
                         with self._counting:
                             self.bytes_pushed += len(chunk.data) + len(chunk.indices)

@@ -10,7 +10,8 @@
   Gradient Compression, Lin et al. 2018), so nothing is lost, only delayed.
   The selection is exact but found as DGC suggests: a threshold estimated
   from a sample keeps about 2k candidates, and torch.topk runs over those
-  only (torch.topk over a whole 1M-element piece cost 9 ms, this 2.7 ms).
+  only (on one thread, torch.topk over a whole 1M-element piece cost 9.3 ms,
+  this 1.5 ms).
 
 Weights are always pulled at full precision.
 """
@@ -18,10 +19,14 @@ Weights are always pulled at full precision.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
+
+from ps_common import codec
 
 Method = Literal["none", "fp16", "bf16", "topk"]
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,10 +49,18 @@ class Compression:
 
 @dataclass(frozen=True)
 class Payload:
-    """What travels for one piece: `values` (dense, or mostly zeros when `sparse`)."""
+    """What travels for one piece: its `values`; or, with `indices` (sorted),
+    only its non-zeros: `values` at those positions of `length` elements."""
 
     values: torch.Tensor
-    sparse: bool
+    indices: torch.Tensor | None = None
+    length: int = 0
+
+    def chunks(self, key: str, chunk_bytes: int) -> Iterator[codec.Chunk]:
+        """The piece as chunks of at most `chunk_bytes` (sparse where that is smaller)."""
+        if self.indices is None:
+            return codec.tensor_to_chunks(key, self.values, chunk_bytes)
+        return codec.sparse_to_chunks(key, self.indices, self.values, self.length, chunk_bytes)
 
 
 class Compressor:
@@ -62,30 +75,41 @@ class Compressor:
         """The payload for piece `key` of this step's gradient (flat, CPU)."""
         method = self.compression.method
         if method in _CASTS and grad.is_floating_point() and grad.element_size() > 2:
-            return Payload(grad.to(_CASTS[method]), sparse=False)
+            return Payload(grad.to(_CASTS[method]))
         if method != "topk" or not grad.is_floating_point():
-            return Payload(grad, sparse=False)
+            return Payload(grad)
         residual = self._residuals.get(key)
         total = grad.clone() if residual is None else residual.add_(grad)
         k = max(1, math.ceil(self.compression.topk_ratio * total.numel()))
         chosen = self._largest(total.abs(), k)
-        sent = torch.zeros_like(total)
-        sent[chosen] = total[chosen]
+        sent = total[chosen]
         total[chosen] = 0  # what stays behind for the next step
         self._residuals[key] = total
-        return Payload(sent, sparse=True)
+        return Payload(sent, indices=chosen, length=total.numel())
 
     def _largest(self, magnitude: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k largest elements (as torch.topk), from the
-        candidates above a threshold that a random sample puts at about the
-        2k-th largest. Every one of the k largest is a candidate whenever
+        """Ascending indices of the k largest elements (as torch.topk), from
+        the candidates above a threshold that a random sample puts at about
+        the 2k-th largest. Every one of the k largest is a candidate whenever
         there are at least k candidates; when the sample erred, all are."""
         n = magnitude.numel()
-        if n <= 16 * _SAMPLE:
-            return torch.topk(magnitude, k, sorted=False).indices
-        sample = magnitude[torch.randint(n, (_SAMPLE,), generator=self._sampler)]
-        threshold = torch.quantile(sample, max(0.0, 1 - 2 * k / n))
-        candidates = torch.nonzero(magnitude >= threshold).view(-1)
-        if candidates.numel() < k:
-            return torch.topk(magnitude, k, sorted=False).indices
-        return candidates[torch.topk(magnitude[candidates], k, sorted=False).indices]
+        candidates = None
+        if n > 16 * _SAMPLE:
+            sample = magnitude[torch.randint(n, (_SAMPLE,), generator=self._sampler)]
+            rank = min(_SAMPLE, max(1, round(_SAMPLE * (1 - 2 * k / n))))
+            above = _positions_at_least(magnitude, float(torch.kthvalue(sample, rank).values))
+            candidates = above if above.numel() >= k else None
+        if candidates is None:
+            candidates = torch.arange(n)
+        # A mask keeps the candidates' ascending order (sorting the result cost 0.46 ms of 2.8).
+        keep = torch.zeros(candidates.numel(), dtype=torch.bool)
+        keep[torch.topk(magnitude[candidates], k, sorted=False).indices] = True
+        return candidates[keep]
+
+
+def _positions_at_least(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Positions (ascending) of the elements >= `threshold`. numpy compares
+    and finds them 3.6x faster than torch.nonzero here (1M fp32 elements, one
+    thread: 0.53 vs 1.9 ms); numpy has no bfloat16, which torch compares."""
+    at_least = (values >= threshold).numpy() if values.dtype == torch.bfloat16 else values.numpy() >= threshold
+    return torch.from_numpy(np.flatnonzero(at_least))

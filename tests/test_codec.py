@@ -119,6 +119,19 @@ def test_sparse_encoding_is_chosen_when_smaller_and_round_trips(dtype: torch.dty
     assert torch.equal(_round_trip(chunks)["s"], tensor)
 
 
+@pytest.mark.parametrize("length,every", [(10_000, 50), (10_000, 2), (3000, 1), (0, 1)])
+def test_sparse_to_chunks_cuts_as_tensor_to_chunks_does(length: int, every: int) -> None:
+    """Given the non-zeros, the same chunks as from the whole tensor: sparse
+    where that is smaller (every 50th element), dense where not (every 2nd)."""
+    tensor = torch.zeros(length)
+    tensor[::every] = torch.arange(1, len(range(0, length, every)) + 1, dtype=torch.float32)
+    indices = torch.nonzero(tensor).view(-1)
+    expected = list(codec.tensor_to_chunks("s", tensor, chunk_bytes=8192, sparse_if_smaller=True))
+    got = list(codec.sparse_to_chunks("s", indices, tensor[indices], length, chunk_bytes=8192))
+    assert [c.to_proto() for c in got] == [c.to_proto() for c in expected]
+    assert any(c.sparse for c in got) == (every == 50)
+
+
 def test_dense_tensor_stays_dense_even_when_sparse_is_allowed() -> None:
     chunks = list(codec.tensor_to_chunks("d", torch.randn(1000), sparse_if_smaller=True))
     assert not any(c.sparse for c in chunks)

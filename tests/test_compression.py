@@ -9,13 +9,14 @@ import torch
 from ps_common import codec, wire
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from ps_worker.compression import Compression, Compressor
+from ps_worker.compression import Compression, Compressor, Payload
 
 CONFIG = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)  # pieces of 1024 fp32
 
 
-def _round_trip(values: torch.Tensor, sparse: bool) -> torch.Tensor:
-    chunks = list(codec.tensor_to_chunks("k", values, chunk_bytes=1000, sparse_if_smaller=sparse))
+def _round_trip(payload: Payload) -> torch.Tensor:
+    """The piece as the server decodes it."""
+    chunks = list(payload.chunks("k", chunk_bytes=1000))
     out = codec.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], codec.new_tensor_for)  # type: ignore[list-item]
     return out["k"]
 
@@ -24,9 +25,9 @@ def _round_trip(values: torch.Tensor, sparse: bool) -> torch.Tensor:
 def test_half_precision_payload_is_the_cast_gradient(method: str, dtype: torch.dtype) -> None:
     grad = torch.randn(5000)
     payload = Compressor(Compression(method)).encode("k", grad)  # type: ignore[arg-type]
-    assert payload.values.dtype == dtype and not payload.sparse
+    assert payload.values.dtype == dtype and payload.indices is None
     assert payload.values.numel() * payload.values.element_size() == grad.numel() * 2
-    assert torch.equal(_round_trip(payload.values, payload.sparse), grad.to(dtype))
+    assert torch.equal(_round_trip(payload), grad.to(dtype))
 
 
 def test_topk_sends_the_largest_and_keeps_the_rest_for_later() -> None:
@@ -36,11 +37,12 @@ def test_topk_sends_the_largest_and_keeps_the_rest_for_later() -> None:
     sent_total = torch.zeros(2000)
     for grad in grads:
         payload = compressor.encode("k", grad)
-        assert payload.sparse and int(torch.count_nonzero(payload.values)) == 100
-        received = _round_trip(payload.values, sparse=True)
-        assert torch.equal(received, payload.values)
+        assert payload.indices is not None and payload.values.numel() == 100
+        received = _round_trip(payload)
+        assert int(torch.count_nonzero(received)) == 100
+        assert torch.equal(received[payload.indices], payload.values)
         sent_total += received
-    first = Compressor(Compression("topk", topk_ratio=0.05)).encode("k", grads[0]).values
+    first = _round_trip(Compressor(Compression("topk", topk_ratio=0.05)).encode("k", grads[0]))
     chosen = first != 0
     assert first[chosen].abs().min() >= grads[0][~chosen].abs().max()  # the largest magnitudes
     # Error feedback loses nothing: what was sent plus what waits is all that came.
@@ -57,6 +59,11 @@ def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
         chosen = compressor._largest(total.abs(), 3000)
         expected = torch.topk(total.abs(), 3000).indices
         assert set(chosen.tolist()) == set(expected.tolist())
+        assert bool((chosen[1:] > chosen[:-1]).all())  # ascending, as sparse_to_chunks needs
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # numpy has no bfloat16; quantile no halves
+        magnitude = torch.randn(300_000).abs().to(dtype)
+        expected = torch.topk(magnitude, 3000).values
+        assert torch.equal(magnitude[compressor._largest(magnitude, 3000)].sort().values, expected.sort().values)
     # Ties at the threshold (all but k elements equal): still the k largest.
     flat = torch.zeros(300_000)
     flat[:3000] = 1.0
@@ -65,7 +72,7 @@ def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
 
 def test_topk_chunks_are_sparse_on_the_wire() -> None:
     payload = Compressor(Compression("topk", topk_ratio=0.01)).encode("k", torch.randn(100_000))
-    chunks = list(codec.tensor_to_chunks("k", payload.values, sparse_if_smaller=True))
+    chunks = list(payload.chunks("k", codec.DEFAULT_CHUNK_BYTES))
     wire = sum(len(c.data) + len(c.indices) for c in chunks)
     assert wire == 1000 * (4 + 4)  # 1% of the elements, index and value each
 
@@ -94,7 +101,7 @@ def test_the_server_applies_exactly_what_was_sent(method: str) -> None:
         for _ in range(4):
             weights.grad = torch.randn(3000)
             for piece in pieces:
-                sent = oracle.encode(piece.key, weights.grad[piece.start : piece.stop]).values
+                sent = _round_trip(oracle.encode(piece.key, weights.grad[piece.start : piece.stop]))
                 expected[piece.start : piece.stop] -= sent.to(torch.float32)
             opt.step()
     assert torch.equal(weights.detach(), expected)
