@@ -124,7 +124,11 @@ class DataServer:
                                                    details=details))  # fmt: skip
 
     def _serve(self, sock: socket.socket) -> None:
-        """Calls one after another until the client leaves or a call fails."""
+        """Calls one after another until the client leaves or a call fails.
+        Between calls the connection may idle for as long as the client
+        keeps it (TCP keepalive notices a host that vanished); within a call,
+        every read and write is bounded by the call's deadline, so a client
+        that stops halfway cannot hold this thread."""
         try:
             if self._tls is not None:
                 sock = self._handshake(sock)
@@ -171,9 +175,19 @@ class DataServer:
                 return False
             self._busy += 1
             self.calls += 1
+        limit = header.timeout if header.timeout > 0 else _NO_DEADLINE_LIMIT
+        sock.settimeout(limit)
         try:
             return self._dispatch(sock, receiver, header)
+        except TimeoutError:
+            log.warning(
+                "data channel %s from %s: nothing sent or read for %gs, the call's deadline, in the middle of the "
+                "call; closing the connection (nothing of a push cut off is applied)",
+                header.method, _peer(sock), limit,
+            )  # fmt: skip
+            return False
         finally:
+            sock.settimeout(None)
             with self._lock:
                 self._busy -= 1
                 self._lock.notify_all()
@@ -252,6 +266,14 @@ class DataServer:
 
 _DRAIN_SECONDS = 2.0
 _HANDSHAKE_SECONDS = 10.0
+_NO_DEADLINE_LIMIT = 600.0  # a call without a deadline (our clients always send one)
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return "a client that left"
 
 
 def _shut(sock: socket.socket) -> None:

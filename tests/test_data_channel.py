@@ -136,6 +136,22 @@ def test_a_push_cut_off_in_the_middle_applies_nothing(server) -> None:  # type: 
     _unchanged(before, running)
 
 
+def test_a_client_stalled_in_the_middle_of_a_push_is_cut_off_at_its_deadline(server, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Half a message, then silence with the connection open: the server closes
+    it once the call's deadline passes, says so, and applies nothing."""
+    running, _ = server
+    before = _snapshot(running.shard)
+    head = pb.DataHeader(method="Push", timeout=0.5, body_length=1000).SerializeToString()
+    with socket.create_connection(("127.0.0.1", _port(running)), timeout=10) as sock:
+        sock.sendall(struct.pack("<I", len(head)) + head + b"\x0a" * 10)
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server, without waiting for the rest
+        assert time.monotonic() - started < 5
+    assert "nothing sent or read for 0.5s" in caplog.text and "Push" in caplog.text
+    _still_serving(running)
+    _unchanged(before, running)
+
+
 def test_a_cancelled_push_stream_applies_nothing() -> None:
     model = small_model()
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
