@@ -63,6 +63,14 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
 
+def _adam(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=LR / 10)
+
+
+# Each optimizer with the fp32 state it keeps per parameter, in tensors the parameter's size.
+OPTIMIZERS = {"SGD-momentum": (_sgd, 1), "Adam": (_adam, 2)}
+
+
 # -- the three systems, one worker process each ------------------------------------
 
 
@@ -75,11 +83,14 @@ def _ddp_worker(rank: int, world: int, port: int, steps: int, width: int, out: A
     dist.destroy_process_group()
 
 
-def _our_worker(rank: int, world: int, addresses: list[str], steps: int, width: int, out: Any, **options: Any) -> None:
+def _our_worker(
+    rank: int, world: int, addresses: list[str], steps: int, width: int, out: Any,
+    optimizer: str = "SGD-momentum", **options: Any,
+) -> None:  # fmt: skip
     torch.set_num_threads(1)
     model = build_model(width)
     with PSClient(addresses, rank, world, ClientConfig(timeout=120)) as client:
-        opt = DistributedOptimizer(_sgd(model), client, named_parameters=model.named_parameters(), mode="bsp",
+        opt = DistributedOptimizer(OPTIMIZERS[optimizer][0](model), client, named_parameters=model.named_parameters(), mode="bsp",
                                    **options)  # fmt: skip
         out.put(_step_seconds(model, opt.step, rank, steps))
         opt.close()
@@ -246,7 +257,7 @@ def run(quick: bool) -> list[Row]:
 
 def run_scaling(quick: bool) -> list[Row]:
     """Samples/s over workers and servers against one worker on one server,
-    and the server's peak memory growth against weights + momentum."""
+    and the server's peak memory growth against weights + optimizer state (SGD-momentum, Adam)."""
     width = 1024  # about 4M parameters: four workers fit two cores
     steps, warmup = (10, 3) if quick else (30, 6)
     grid = [(2, 1)] if quick else [(2, 1), (4, 1), (1, 2), (2, 2), (4, 2)]
@@ -266,11 +277,12 @@ def run_scaling(quick: bool) -> list[Row]:
             ours=round(ours, 1), baseline=round(baseline, 1), unit="samples/s", ratio=round(ours / baseline, 3),
             target=0.5 * min(workers, cores),
         ))  # fmt: skip
-    _, growth = our_run(1, 1, steps, warmup, width)
-    theoretical = 2 * 4 * numel  # fp32 weights + momentum
-    rows.append(Row(
-        name="server memory: weights + momentum vs peak RSS growth (1 worker, 1 server)",
-        ours=round(growth[0] / 2**20, 1), baseline=round(theoretical / 2**20, 1), unit="MiB",
-        ratio=round(theoretical / growth[0], 3), target=round(MEMORY_TARGET, 3),
-    ))  # fmt: skip
+    for optimizer, (_, state_tensors) in OPTIMIZERS.items():
+        _, growth = our_run(1, 1, steps, warmup, width, optimizer=optimizer)
+        theoretical = (1 + state_tensors) * 4 * numel  # fp32 weights + optimizer state
+        rows.append(Row(
+            name=f"server memory, {optimizer}: weights + optimizer state vs peak RSS growth (1 worker, 1 server)",
+            ours=round(growth[0] / 2**20, 1), baseline=round(theoretical / 2**20, 1), unit="MiB",
+            ratio=round(theoretical / growth[0], 3), target=round(MEMORY_TARGET, 3),
+        ))  # fmt: skip
     return rows
