@@ -90,8 +90,9 @@ def _our_worker(
     torch.set_num_threads(1)
     model = build_model(width)
     with PSClient(addresses, rank, world, ClientConfig(timeout=120)) as client:
-        opt = DistributedOptimizer(OPTIMIZERS[optimizer][0](model), client, named_parameters=model.named_parameters(), mode="bsp",
-                                   **options)  # fmt: skip
+        make_optimizer, _ = OPTIMIZERS[optimizer]
+        opt = DistributedOptimizer(make_optimizer(model), client, named_parameters=model.named_parameters(),
+                                   mode="bsp", **options)  # fmt: skip
         out.put(_step_seconds(model, opt.step, rank, steps))
         opt.close()
 
