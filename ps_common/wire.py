@@ -284,6 +284,13 @@ def _chunks(body: _Body, chunks_field: int, header_field: int | None, size: int 
         size = _next_chunk(body, chunks_field, header_field)
 
 
+def read_to_end(frame: Frame) -> None:
+    """Read what the consumer left of a message read from a connection
+    (read_push, read_init, read_pull), so the connection is at the next one."""
+    for _ in frame.chunks:
+        pass
+
+
 def _malformed_as_invalid(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
     try:
         yield from chunks

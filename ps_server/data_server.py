@@ -235,8 +235,7 @@ class DataServer:
                 message = read(receiver.stream, header.body_length)
                 yield message
                 if isinstance(message, wire.Frame):
-                    for _ in message.chunks:  # what the service left unread, skipped
-                        pass
+                    wire.read_to_end(message)
             if header.last:
                 return
             header = receiver.read_header()

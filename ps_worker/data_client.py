@@ -176,8 +176,7 @@ class ServerStub:
                     return
                 message = wire.read_pull_strict(connection.stream, header.body_length)
                 yield message
-                for _ in message.chunks:  # what the caller left unread, skipped
-                    pass
+                wire.read_to_end(message)
 
     def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes | list[Any] = b"") -> None:
         try:
