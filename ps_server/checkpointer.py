@@ -32,7 +32,7 @@ class Checkpointer:
         self._every_seconds = every_seconds
         self._keep = keep
         self._write_lock = threading.Lock()
-        self._last_updates: int | None = None  # update count at the last checkpoint; None: none yet
+        self._last_updates: int | None = None  # the shard's progress at the last checkpoint; None: none yet
         self._last_time = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ps-checkpointer", daemon=True)
@@ -45,7 +45,7 @@ class Checkpointer:
             return False
         path, state = found
         self._shard.restore(state)
-        self._last_updates = self._shard.counters["updates"]
+        self._last_updates = self._shard.progress()
         log.info("restored %s (%d updates applied before)", path, self._last_updates)
         return True
 
@@ -59,9 +59,10 @@ class Checkpointer:
             if state is None:
                 raise FailedPrecondition("nothing to checkpoint: the server has not been initialized")
             path = write_checkpoint(self.directory, state, self._keep)
-            self._last_updates = state.meta["counters"].get("updates", 0)
+            versions = [s["version"] for s in state.meta["slots"].values()]
+            self._last_updates = max(versions, default=0)
             self._last_time = time.monotonic()
-        version = min((s["version"] for s in state.meta["slots"].values()), default=0)
+        version = min(versions, default=0)
         log.info("checkpoint %s written at version %d", path, version)
         return path, version
 
@@ -77,7 +78,7 @@ class Checkpointer:
     def _due(self, final: bool = False) -> bool:
         if self._shard.job is None:
             return False
-        updates = self._shard.counters["updates"]
+        updates = self._shard.progress()
         if self._last_updates is None:
             return True  # just initialized: the job itself must survive a crash
         if updates == self._last_updates:

@@ -18,7 +18,9 @@ class ServerConfig:
     port_file: str | None = setting(None, "write the bound port to this file once serving")
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (0: a free one)")
     checkpoint_dir: str | None = setting(None, "write checkpoints there and restore the newest on start")
-    checkpoint_every_updates: int = setting(100, "checkpoint after this many updates (0: not by count)")
+    checkpoint_every_updates: int = setting(
+        100, "checkpoint after this many updates: steps in BSP, pushes in ASP/SSP (0: not by count)"
+    )
     checkpoint_every_seconds: float = setting(60.0, "checkpoint after this many seconds (0: not by time)")
     checkpoint_keep: int = setting(2, "checkpoints kept on disk")
     auth_token: str | None = setting(None, "require this shared token from every client (health checks exempt)")

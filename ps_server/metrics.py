@@ -47,9 +47,9 @@ class _ShardCollector(Collector):
         snapshot = self._shard.metrics_snapshot()
         counters = snapshot["counters"]
         for name, help_text, counter in (
-            ("ps_pushes", "Push calls accepted", "pushes"),
+            ("ps_pushes", "Push requests accepted (a worker's push may take several)", "pushes"),
             ("ps_pulls", "Pull calls answered", "pulls"),
-            ("ps_updates", "Optimizer updates applied", "updates"),
+            ("ps_updates", "Optimizer updates applied (one per push request)", "updates"),
             ("ps_received_bytes", "Gradient bytes received", "bytes_in"),
             ("ps_sent_bytes", "Weight bytes sent", "bytes_out"),
             ("ps_duplicate_keys", "Pushed keys ignored as retries of an applied push", "duplicate_keys"),

@@ -205,7 +205,7 @@ class Shard:
         # cannot make a finite value non-finite, and casting late saves a
         # gradient-sized allocation per push.
         for key, grad in grads.items():
-            if not _all_finite(grad):
+            if not codec.all_finite(grad):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
         with self._cond:
             job, optimizer = self._require_job()
@@ -561,6 +561,12 @@ class Shard:
             self._started = time.monotonic()
             self.counters = Counter(state.meta["counters"])
 
+    def progress(self) -> int:
+        """Updates the most-updated key has taken: the steps done in BSP, the
+        pushes taken in ASP/SSP, however many requests each push came in."""
+        with self._cond:
+            return max((s.version for s in self.slots.values()), default=0)
+
     def metrics_snapshot(self) -> dict[str, Any]:
         with self._cond:
             return {
@@ -610,17 +616,6 @@ def _check_matches(spec: pb.KeySpec, chunk: codec.ChunkLike, dtype: int | None =
             f"key {spec.key!r}: got dtype {_dtype_name(chunk.dtype)} shape {list(chunk.shape)}, "
             f"expected {_dtype_name(spec.dtype)} shape {list(spec.shape)}"
         )
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf. min and max propagate NaN and show an Inf, in one pass
-    and without a tensor of flags (20x faster than isfinite().all())."""
-    if tensor.is_complex():
-        tensor = torch.view_as_real(tensor)
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _dtype_name(code: int) -> str:

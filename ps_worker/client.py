@@ -32,7 +32,7 @@ from ps_worker.channel import open_channel, tls_context
 from ps_worker.compression import Compression, Compressor, Payload
 from ps_worker.data_client import PushCall, ServerStub
 from ps_worker.pruning import PruningConfig
-from ps_worker.sharding import Piece, TensorInfo, plan_placement
+from ps_worker.sharding import Piece, TensorInfo, cut_requests, plan_placement
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class ClientConfig:
     wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+    push_request_bytes: int = setting(
+        codec.DEFAULT_CHUNK_BYTES,
+        "most gradient bytes in one push request: a server applies each request as it lands, all or nothing",
+    )
     heartbeat_interval: float = setting(5.0, "seconds between heartbeats, so a long step is not taken for a crash")
     auth_token: str | None = setting(None, "shared token the servers require")
     tls_ca: str | None = setting(None, "PEM CA that signed the servers' certificates: connect with TLS")
@@ -185,12 +189,19 @@ class PSClient:
     ) -> None:
         """Send this worker's gradients of `step` (None: no gradient) to every server.
 
+        Each server's share travels in requests of at most `push_request_bytes`,
+        which it applies as they land, so that neither the update waits for the
+        whole transfer nor the server holds a whole gradient per push. A
+        gradient with NaN or Inf is refused here, before anything is sent.
+
         `prune_thresholds` (worker 0, on pruning steps): per parameter, the
         magnitude at or below which the servers prune this step's weights.
         """
         missing = set(self._pieces_of) - set(grads)
         if missing:
             raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
+        for name, grad in grads.items():
+            _check_finite(name, grad, step)
         payloads: dict[str, Payload | None] = {}
         for name, grad in grads.items():
             payloads.update(self._encode(name, grad))
@@ -224,8 +235,28 @@ class PSClient:
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
         header, payloads = self._last_push  # type: ignore[misc]
-        messages = list(self._messages(header, self._pieces[server], payloads, counted=True))
-        self._call(server, lambda stub: stub.push(messages, timeout=self.config.timeout))
+        sizes = {key: 0 if payload is None else payload.nbytes for key, payload in payloads.items()}
+        calls = [
+            self._start_push(server, list(self._messages(header, group, payloads, counted=True)))
+            for group in cut_requests(self._pieces[server], sizes, self.config.push_request_bytes)
+        ]
+        self._settle(server, calls)
+
+    def _start_push(self, server: int, frames: Iterable[wire.Frame]) -> PushCall:
+        # Finding the server's data channel may take a call (Hello), which may fail.
+        return self._call(server, lambda stub: stub.push_future(frames, timeout=self.config.timeout))
+
+    def _settle(self, server: int, calls: Sequence[PushCall]) -> None:
+        """Wait for every call, then raise a failure if any (one that a retry
+        cannot cure first): none is left in flight to race a retry."""
+        errors = []
+        for call in calls:
+            try:
+                self._call(server, lambda _: call.result())  # noqa: B023 (called at once)
+            except PSError as exc:
+                errors.append(exc)
+        if errors:
+            raise min(errors, key=lambda exc: exc.code in _RETRY_WHILE_WAITING)
 
     def _messages(
         self,
@@ -458,9 +489,14 @@ class PushStream:
     """One step's push, streaming to every server while its gradients arrive.
 
     `add` encodes a gradient (compressing it as the job says) and queues its
-    pieces for the servers' streams, which gRPC sends from its own threads;
+    pieces for the servers' streams, which are sent from other threads;
     `finish` marks what was never added as absent, waits for every server's
     answer and, where a server was down, sends the whole push again.
+
+    Unlike `PSClient.push`, one request per server, not cut at
+    `push_request_bytes`: a step abandoned between backward and `finish`
+    (`cancel`, or a gradient with NaN) must change no server, and the stream
+    only ends at `finish`.
     """
 
     def __init__(self, client: PSClient, header: pb.PushHeader) -> None:
@@ -468,16 +504,26 @@ class PushStream:
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
+        self._refused: InvalidArgument | None = None
         self._calls: list[PushCall] = []
-        for server, stub in enumerate(client._stubs):
+        for server in range(len(client.addresses)):
             requests = client._messages(header, self._arrivals(server), self._payloads, counted=True)
-            self._calls.append(stub.push_future(requests, timeout=client.config.timeout))
+            self._calls.append(client._start_push(server, requests))
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:
-        """This step's gradient of parameter `name` (a CPU tensor; None: no gradient)."""
+        """This step's gradient of parameter `name` (a CPU tensor; None: no
+        gradient). One with NaN or Inf abandons the push (`finish` raises)."""
+        if self._refused is not None:
+            return
         pieces = self._client._pieces_of.get(name, [])
         if pieces and pieces[0].key in self._payloads:
             raise InvalidArgument(f"gradient of {name!r} given twice in the push of step {self._header.step}")
+        try:
+            _check_finite(name, grad, self._header.step)
+        except InvalidArgument as exc:
+            self._refused = exc
+            self.cancel()
+            return
         self._payloads.update(self._client._encode(name, grad))  # raises for an unknown name
         for piece in pieces:
             self._queues[piece.server].put(piece)
@@ -488,6 +534,8 @@ class PushStream:
         for name in client._pieces_of:
             if client._pieces_of[name][0].key not in self._payloads:
                 self.add(name, None)
+        if self._refused is not None:
+            raise self._refused
         for pending in self._queues:
             pending.put(None)
         # Kept so that a pull that finds its server restarted can push again:
@@ -496,7 +544,7 @@ class PushStream:
 
         def settle(server: int) -> None:
             try:
-                client._call(server, lambda _: self._calls[server].result())
+                client._settle(server, [self._calls[server]])
                 return
             except PSError as exc:
                 if exc.code not in _RETRY_WHILE_WAITING:
@@ -523,6 +571,13 @@ class PushStream:
             if piece is None:
                 return
             yield piece
+
+
+def _check_finite(name: str, grad: torch.Tensor | None, step: int) -> None:
+    if grad is not None and not codec.all_finite(grad):
+        raise InvalidArgument(
+            f"gradient of {name!r} contains NaN or Inf; nothing of the push of step {step} was applied"
+        )
 
 
 def _host_of(address: str) -> str | None:

@@ -56,6 +56,11 @@ class Payload:
     indices: torch.Tensor | None = None
     length: int = 0
 
+    @property
+    def nbytes(self) -> int:
+        indices = 0 if self.indices is None else self.indices.numel() * self.indices.element_size()
+        return self.values.numel() * self.values.element_size() + indices
+
     def chunks(self, key: str, chunk_bytes: int) -> Iterator[codec.Chunk]:
         """The piece as chunks of at most `chunk_bytes` (sparse where that is smaller)."""
         if self.indices is None:

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -99,25 +99,22 @@ class ServerStub:
 
     # -- Push and Pull, on whichever transport ----------------------------------------
 
-    def push(self, frames: Sequence[wire.Frame], timeout: float) -> pb.PushResponse:
-        """One push (gRPC: a unary call when it fits in one message, much faster there)."""
-        if self._has_data_channel():
-            return pb.PushResponse.FromString(self._client_stream("Push", iter(frames), timeout, None))
-        if len(frames) == 1:
-            return self._grpc.PushOne(frames[0], timeout=timeout)  # type: ignore[no-any-return]
-        return self._grpc.Push(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
-
     def init(self, frames: Iterator[wire.Frame], timeout: float) -> pb.InitResponse:
         """Worker 0's Init stream."""
         if not self._has_data_channel():
             return self._grpc.Init(frames, timeout=timeout)  # type: ignore[no-any-return]
         return pb.InitResponse.FromString(self._client_stream("Init", frames, timeout, None))
 
-    def push_future(self, frames: Iterator[wire.Frame], timeout: float) -> PushCall:
-        """Push `frames` as the iterator yields them, from another thread."""
-        if not self._has_data_channel():
-            return self._grpc.Push.future(frames, timeout=timeout)  # type: ignore[no-any-return]
-        return _DataPush(self, frames, timeout)
+    def push_future(self, frames: Iterable[wire.Frame], timeout: float) -> PushCall:
+        """Push `frames` as they are yielded, from another thread. On the data
+        channel, two pushes at a time: while the server applies one, the next
+        is on its way; later ones wait their turn. (gRPC: a unary call when
+        `frames` is a list of one, much faster there.)"""
+        if self._has_data_channel():
+            return _DataPush(self, iter(frames), timeout)
+        if isinstance(frames, list) and len(frames) == 1:
+            return self._grpc.PushOne.future(frames[0], timeout=timeout)  # type: ignore[no-any-return]
+        return self._grpc.Push.future(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
 
     def pull(self, request: pb.PullRequest, timeout: float, one_message: bool = False) -> Iterator[wire.Frame]:
         """The answer's messages, each valid until the next is read. `one_message`:

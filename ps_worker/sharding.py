@@ -1,4 +1,5 @@
-"""Which server holds which part of which parameter.
+"""Which server holds which part of which parameter, and how a server's
+share of a push is cut into requests.
 
 Every worker computes the same placement from the same parameter list and
 server count, so nobody has to ask. Each tensor is cut into contiguous
@@ -10,7 +11,7 @@ A model dominated by one big tensor is thereby spread evenly too.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ps_common.codec import DEFAULT_CHUNK_BYTES
@@ -86,6 +87,21 @@ def plan_placement(
         )
         for i, (tensor, start, stop) in enumerate(pieces)
     ]
+
+
+def cut_requests(pieces: Sequence[Piece], sizes: Mapping[str, int], limit: int) -> list[list[Piece]]:
+    """A server's share of a push, in order, as requests of at most `limit`
+    bytes (`sizes` by piece key; a piece larger than `limit` goes alone);
+    one request at least, so that a server holding nothing still hears of the step."""
+    requests: list[list[Piece]] = [[]]
+    size = 0
+    for piece in pieces:
+        if requests[-1] and size + sizes[piece.key] > limit:
+            requests.append([])
+            size = 0
+        requests[-1].append(piece)
+        size += sizes[piece.key]
+    return requests
 
 
 def bytes_per_server(pieces: Sequence[Piece], tensors: Sequence[TensorInfo], num_servers: int) -> list[int]:

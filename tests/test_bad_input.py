@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from ps_common import PROTOCOL_VERSION, codec
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
 from ps_server.harness import InProcessCluster
 from ps_server.shard import Shard
 from ps_worker import DistributedOptimizer, PSClient
-from tests.training import batches, loss_of, small_model
+from tests.training import SPLITTING, batches, loss_of, small_model
 
 
 def _snapshot(shard: Shard) -> dict[str, Any]:
@@ -210,14 +211,38 @@ def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
                                      named_parameters=b.named_parameters())  # fmt: skip
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_nan_gradient_changes_no_server_though_its_push_spans_requests_and_servers(overlap: bool) -> None:
+    model = small_model()
+    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+        opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), client,
+                                   named_parameters=model.named_parameters(), overlap=overlap)  # fmt: skip
+        shards = [server.shard for server in cluster.servers]
+        before = [_snapshot(shard) for shard in shards]
+        (x, y), = batches(1, batch=4)  # fmt: skip
+        poison = model[0].weight.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("nan")))
+        opt.zero_grad()
+        loss_of(model, x, y).backward()  # with overlap, the other gradients are on their way
+        with pytest.raises(InvalidArgument, match=r"gradient of '0.weight' contains NaN or Inf; nothing of"):
+            opt.step()
+        for shard, earlier in zip(shards, before, strict=True):
+            _assert_same(earlier, _snapshot(shard))
+        poison.remove()
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()  # the same step, sound this time, is taken whole
+        opt.close()
+        assert all(s.version == 1 for shard in shards for s in shard.slots.values())
+        requests = sum(shard.counters["pushes"] for shard in shards)
+        assert requests == 2 if overlap else requests > 2  # one request per server with overlap, else several
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64], ids=str
 )
 def test_nan_and_inf_are_detected_in_every_floating_dtype(dtype: torch.dtype) -> None:
-    from ps_server.shard import _all_finite
-
-    assert _all_finite(torch.ones(10, dtype=dtype))
+    assert codec.all_finite(torch.ones(10, dtype=dtype))
     for bad in (float("nan"), float("inf"), -float("inf")):
         tensor = torch.ones(10, dtype=dtype)
         tensor[3] = bad
-        assert not _all_finite(tensor)
+        assert not codec.all_finite(tensor)

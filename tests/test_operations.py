@@ -14,14 +14,17 @@ from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_worker.ctl import main as ctl_main
 from ps_worker.metrics import WorkerMetrics
-from tests.training import batches, small_model, train_distributed
+from tests.training import SPLITTING, batches, small_model, train_distributed
 
 WITH_METRICS = dataclasses.replace(ServerConfig(), metrics_port=0)
 
 
 def _train(addresses: list[str], steps: int = 3) -> None:
     model = small_model()
-    train_distributed(addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(steps, 4))
+    one_request = dataclasses.replace(SPLITTING, push_request_bytes=2**20)  # one push request per step
+    train_distributed(
+        addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(steps, 4), config=one_request
+    )
 
 
 def test_health_is_serving_while_up_and_not_serving_after_stop() -> None:

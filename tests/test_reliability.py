@@ -13,6 +13,7 @@ import torch
 from ps_common import codec
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
+from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_server.shard import Shard
@@ -158,3 +159,22 @@ def test_bsp_shard_restored_while_workers_were_a_step_apart_resumes_at_the_lates
     assert restarted.pull(0, 3, [], False, timeout=1.0)[0].version == 3  # worker 0 may read step 3
     restarted.push(0, 3, [], {"w": torch.ones(4)})
     assert restarted.stats().keys[0].version == 4
+
+
+def test_checkpoints_by_count_follow_steps_however_many_requests_a_push_takes(tmp_path: Path) -> None:
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 0.1})])
+    keys = [pb.KeySpec(key=k, dtype=pb.FLOAT32, shape=[4]) for k in ("a", "b")]
+    shard = Shard()
+    shard.init(
+        pb.JobSpec(mode=pb.ASP, num_workers=1, optimizer=options, keys=keys), {k.key: torch.zeros(4) for k in keys}
+    )
+    checkpointer = Checkpointer(shard, tmp_path, every_updates=2, every_seconds=0, keep=10)
+    checkpointer.write_now()  # the job itself
+    for step in range(3):
+        for key in ("a", "b"):  # each step's push in two requests: two optimizer updates
+            shard.push(0, step, [], {key: torch.ones(4)})
+        assert checkpointer._due() == (step == 1)  # noqa: SLF001
+        if checkpointer._due():  # noqa: SLF001
+            checkpointer.write_now()
+    checkpointer.stop()  # step 2 is not in a checkpoint yet: a last one on the way out
+    assert len(list(tmp_path.glob("ckpt-*"))) == 3

@@ -1,6 +1,6 @@
 import pytest
 
-from ps_worker.sharding import TensorInfo, bytes_per_server, plan_placement
+from ps_worker.sharding import Piece, TensorInfo, bytes_per_server, cut_requests, plan_placement
 
 DOMINATED = [TensorInfo("embedding", 16_000_000, 4), TensorInfo("fc.weight", 4096, 4), TensorInfo("fc.bias", 16, 4)]
 SMALL = [TensorInfo("a", 10, 4), TensorInfo("b", 300, 4), TensorInfo("c", 1, 8)]
@@ -42,3 +42,13 @@ def test_pieces_respect_the_maximum_size() -> None:
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unique"):
         plan_placement([TensorInfo("a", 1, 4), TensorInfo("a", 2, 4)], 1)
+
+
+def test_a_push_is_cut_into_requests_in_order_each_within_the_limit() -> None:
+    sizes = {"a": 600, "b": 300, "c": 0, "d": 500, "e": 2000, "f": 100}
+    pieces = [Piece(key, key, 0, 0, 1) for key in sizes]
+    requests = cut_requests(pieces, sizes, limit=1000)
+    assert [[p.key for p in r] for r in requests] == [["a", "b", "c"], ["d"], ["e"], ["f"]]
+    # Only a piece that alone exceeds the limit makes a request exceed it.
+    assert all(sum(sizes[p.key] for p in r) <= 1000 or len(r) == 1 for r in requests)
+    assert cut_requests([], {}, limit=1000) == [[]]  # a server with no key still hears of the step

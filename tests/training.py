@@ -11,8 +11,9 @@ from torch import nn
 
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
-# Small pieces force every tensor of the test models to be split across servers.
-SPLITTING = ClientConfig(max_piece_bytes=256, timeout=30, wait_timeout=60)
+# Small pieces force every tensor of the test models to be split across
+# servers, and small requests every push into several requests per server.
+SPLITTING = ClientConfig(max_piece_bytes=256, push_request_bytes=512, timeout=30, wait_timeout=60)
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]  # type: ignore[type-arg]
 
