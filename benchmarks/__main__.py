@@ -27,6 +27,7 @@ def main() -> None:
         *update_rate.run(args.quick),
         *training_step.run(args.quick),
         *training_step.run_scaling(args.quick),
+        *training_step.run_memory(args.quick),
     ]
     table = Table(title=f"benchmarks on {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     for column in ("comparison", "ours", "baseline", "unit", "ratio (higher is better)", "target"):

@@ -48,8 +48,9 @@ def test_update_rate_measurements_run(optimizer: str) -> None:
 def test_training_step_measurements_run_on_every_system() -> None:
     assert training_step.ddp_seconds(2, steps=3, warmup=1, width=WIDTH) > 0
     assert training_step.rpc_seconds(2, steps=3, warmup=1, width=WIDTH) > 0
-    for optimizer in training_step.OPTIMIZERS:
-        seconds, growth = training_step.our_run(1, 1, steps=3, warmup=1, width=WIDTH, optimizer=optimizer)
+    for optimizer, mode, workers in training_step.MEMORY_RUNS:
+        seconds, growth = training_step.our_run(workers, 1, steps=3, warmup=1, width=WIDTH, optimizer=optimizer,
+                                                mode=mode)  # fmt: skip
         assert seconds > 0 and len(growth) == 1 and growth[0] > 0
 
 
