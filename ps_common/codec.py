@@ -179,8 +179,13 @@ def _chunk_ranges(numel: int, itemsize: int, chunk_bytes: int) -> Iterator[tuple
 _INDEX_BYTES = 4
 
 
+def sparse_bytes(nonzeros: int, itemsize: int) -> int:
+    """Bytes of the sparse encoding's data: a position and a value per non-zero."""
+    return nonzeros * (_INDEX_BYTES + itemsize)
+
+
 def _sparse_is_smaller(nonzeros: int, numel: int, itemsize: int) -> bool:
-    return nonzeros * (_INDEX_BYTES + itemsize) < numel * itemsize
+    return sparse_bytes(nonzeros, itemsize) < numel * itemsize
 
 
 def _dense_chunk(key: str, shape: list[int], offset: int, part: torch.Tensor) -> Chunk:

@@ -11,11 +11,11 @@ import torch.nn.utils.prune
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ps_common import codec
 from ps_worker.optimizer import DistributedOptimizer
 
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
-_INDEX_BYTES = 4  # an int32 position per kept element in the sparse size
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ExportedModel:
         size = 0
         for name, tensor in self.state_dict.items():
             dense = tensor.numel() * tensor.element_size()
-            sparse = int(torch.count_nonzero(tensor)) * (_INDEX_BYTES + tensor.element_size())
+            sparse = codec.sparse_bytes(int(torch.count_nonzero(tensor)), tensor.element_size())
             size += min(dense, sparse) if name in self.masks else dense
         return size
 
