@@ -235,10 +235,14 @@ class PSClient:
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
         header, payloads = self._last_push  # type: ignore[misc]
-        sizes = {key: 0 if payload is None else payload.nbytes for key, payload in payloads.items()}
+        pieces = self._pieces[server]
+        sizes = {}  # of this server's pieces only: `payloads` holds every server's
+        for piece in pieces:
+            payload = payloads[piece.key]
+            sizes[piece.key] = 0 if payload is None else payload.nbytes
         calls = [
             self._start_push(server, list(self._messages(header, group, payloads, counted=True)))
-            for group in cut_requests(self._pieces[server], sizes, self.config.push_request_bytes)
+            for group in cut_requests(pieces, sizes, self.config.push_request_bytes)
         ]
         self._settle(server, calls)
 
