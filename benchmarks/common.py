@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import queue
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -46,6 +51,32 @@ def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[s
         for name, measure in measures.items():
             results[name].append(measure())
     return {name: statistics.median(values) for name, values in results.items()}
+
+
+def process_context() -> ForkServerContext:
+    """Where the benchmarks' child processes come from: forked from one
+    server process that has imported torch, gRPC and the benchmarks once.
+    A spawned child spent about 2 s importing them, longer than most of the
+    measurements it was started for."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["benchmarks.training_step", "benchmarks.wire"])
+    return context
+
+
+def wait_for(results: Any, processes: Sequence[BaseProcess], what: str, timeout: float = 600) -> Any:
+    """The next item that one of `processes` puts in the queue `results`;
+    fails as soon as one of them has died instead of waiting out `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            failed = [p for p in processes if p.exitcode not in (None, 0)]
+            if failed:
+                codes = ", ".join(f"{p.name} exited with code {p.exitcode}" for p in failed)
+                raise RuntimeError(f"waiting for {what}: {codes}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f}s for {what}") from None
 
 
 def free_port() -> int:

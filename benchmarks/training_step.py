@@ -6,7 +6,6 @@ and servers, and the server's peak memory against the bytes it must hold."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import statistics
 import threading
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from benchmarks.common import Row, free_port, interleaved, server_processes
+from benchmarks.common import Row, free_port, interleaved, process_context, server_processes, wait_for
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.client import Mode
 from ps_worker.compression import Compression
@@ -163,7 +162,7 @@ def _rpc_process(rank: int, world: int, port: int, steps: int, width: int, out: 
 
 def _run_processes(target: Callable[..., None], world: int, *args: Any, **kwargs: Any) -> list[list[float]]:
     """Run `target(rank, world, *args, out, **kwargs)` in `world` processes; their reports."""
-    context = mp.get_context("spawn")
+    context = process_context()
     out = context.Queue()
     processes = [context.Process(target=target, args=(rank, world, *args, out), kwargs=kwargs) for rank in range(world)]
     for process in processes:
@@ -171,7 +170,7 @@ def _run_processes(target: Callable[..., None], world: int, *args: Any, **kwargs
     reports = []
     try:
         reporters = world - 1 if target is _rpc_process else world  # the RPC server reports nothing
-        reports = [out.get(timeout=600) for _ in range(reporters)]
+        reports = [wait_for(out, processes, f"the step times of {target.__name__}") for _ in range(reporters)]
     finally:
         for process in processes:
             process.join(timeout=60)

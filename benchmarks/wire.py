@@ -7,7 +7,6 @@ served from a thread pool as ours is and, for comparison, from grpc.aio."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -18,7 +17,7 @@ from typing import Any
 import grpc
 import torch
 
-from benchmarks.common import Row, interleaved, median_seconds, server_processes
+from benchmarks.common import Row, interleaved, median_seconds, process_context, server_processes, wait_for
 from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
@@ -54,14 +53,14 @@ def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
     """Send `nbytes` to an echo process and read them back: the floor for push +
     pull. Like ours, in 4 MiB messages through reused buffers, which stay in
     cache: measured here, that is up to 1.5x faster than one 64 MiB buffer."""
-    context = mp.get_context("spawn")
+    context = process_context()
     ports = context.Queue()
     process = context.Process(target=_raw_echo, args=(nbytes, repeats + 1, ports))
     process.start()
     payload = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     back = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     try:
-        with socket.create_connection(("127.0.0.1", ports.get(timeout=60))) as sock:
+        with socket.create_connection(("127.0.0.1", wait_for(ports, [process], "the echo's port"))) as sock:
 
             def round_trip() -> None:
                 for size in _pieces(nbytes):
@@ -128,12 +127,13 @@ async def _bare_aio_server(payload: bytes, count: int, ports: Any, stop: Any) ->
 def _bare_grpc(nbytes: int, use_aio: bool) -> Iterator[Callable[[], None]]:
     """A bare gRPC server process; yields one round trip of `nbytes` up and
     back through it in 4 MiB messages, no tensors, no protobuf."""
-    context = mp.get_context("spawn")
+    context = process_context()
     ports, stop = context.Queue(), context.Event()
     process = context.Process(target=_bare_grpc_server, args=(nbytes, ports, stop, use_aio))
     process.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=60)}") as channel:
+        port = wait_for(ports, [process], "the bare server's port")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             take, give = channel.stream_unary("/bare/Take"), channel.unary_stream("/bare/Give")
             payload = b"x" * DEFAULT_CHUNK_BYTES
             count = -(-nbytes // DEFAULT_CHUNK_BYTES)

@@ -5,13 +5,15 @@ asserts a speed: that is what the benchmarks themselves report."""
 from __future__ import annotations
 
 import dataclasses
+import sys
+import time
 from collections.abc import Iterator
-from multiprocessing import resource_tracker
+from multiprocessing import forkserver
 
 import pytest
 
 from benchmarks import training_step, update_rate, wire
-from benchmarks.common import Row
+from benchmarks.common import Row, process_context, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -20,10 +22,11 @@ WIDTH = 8  # the training step's MLP at about 1M parameters
 
 
 @pytest.fixture(scope="module", autouse=True)
-def resource_tracker_first() -> Iterator[None]:
-    """multiprocessing's spawn starts one resource tracker per process, which
-    lives as long as it does: started here, it is not one test's leftover."""
-    resource_tracker.ensure_running()
+def forkserver_first() -> Iterator[None]:
+    """The benchmarks' fork server (and its resource tracker) lives as long
+    as this process: started here, it is not one test's leftover."""
+    process_context()
+    forkserver.ensure_running()
     yield
 
 
@@ -57,3 +60,19 @@ def test_training_step_measurements_run_on_every_system() -> None:
 def test_rows_are_written_with_the_fields_the_json_promises() -> None:
     row = Row(name="n", ours=1.0, baseline=2.0, unit="ms/step", ratio=2.0, target=1.0)
     assert list(dataclasses.asdict(row)) == ["name", "ours", "baseline", "unit", "ratio", "target"]
+
+
+def _exit_without_reporting(results: object) -> None:
+    sys.exit(3)
+
+
+def test_waiting_for_a_benchmark_process_that_died_fails_at_once_with_its_exit_code() -> None:
+    context = process_context()
+    results = context.Queue()
+    process = context.Process(target=_exit_without_reporting, args=(results,))
+    process.start()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_for(results, [process], "a report", timeout=60)
+    assert time.monotonic() - started < 30  # not the timeout
+    process.join()
