@@ -26,6 +26,7 @@ def main() -> None:
         *wire.run(args.quick),
         *update_rate.run(args.quick),
         *training_step.run(args.quick),
+        *training_step.run_network(args.quick),
         *training_step.run_scaling(args.quick),
         *training_step.run_memory(args.quick),
     ]

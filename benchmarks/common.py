@@ -18,6 +18,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+from benchmarks.hosts import Host
+
 
 @dataclass
 class Row:
@@ -86,24 +88,30 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_processes(count: int, *flags: str) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
-    """`count` ps-server processes on loopback; yields their addresses and processes."""
+def server_processes(
+    count: int, *flags: str, hosts: Sequence[Host] | None = None
+) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
+    """`count` ps-server processes, on loopback or each on one of `hosts`;
+    yields their addresses and processes."""
     with tempfile.TemporaryDirectory() as tmp:
         processes: list[subprocess.Popen[bytes]] = []
         addresses: list[str] = []
         try:
             for i in range(count):
                 port_file = Path(tmp) / f"{i}.port"
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", "ps_server", "--port", "0", "--port-file", str(port_file),
-                     "--log-level", "WARNING", *flags],
-                ))  # fmt: skip
+                command = [sys.executable, "-m", "ps_server", "--port", "0", "--port-file", str(port_file),
+                           "--log-level", "WARNING", *flags]  # fmt: skip
+                address = "127.0.0.1"
+                if hosts is not None:
+                    address = hosts[i].address
+                    command = hosts[i].command(*command, "--host", address)
+                processes.append(subprocess.Popen(command))
                 deadline = time.monotonic() + 60
                 while not port_file.exists():
                     if time.monotonic() > deadline or processes[-1].poll() is not None:
                         raise RuntimeError("benchmark server did not start")
                     time.sleep(0.05)
-                addresses.append(f"127.0.0.1:{port_file.read_text()}")
+                addresses.append(f"{address}:{port_file.read_text()}")
             yield addresses, processes
         finally:
             for process in processes:

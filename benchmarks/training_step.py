@@ -10,7 +10,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -19,7 +19,9 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from benchmarks import hosts as emulated
 from benchmarks.common import Row, free_port, interleaved, process_context, server_processes, wait_for
+from benchmarks.hosts import Host
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.client import Mode
 from ps_worker.compression import Compression
@@ -74,9 +76,9 @@ OPTIMIZERS = {"SGD-momentum": (_sgd, 1), "Adam": (_adam, 2)}
 # -- the three systems, one worker process each ------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, port: int, steps: int, width: int, out: Any) -> None:
+def _ddp_worker(rank: int, world: int, master: str, steps: int, width: int, out: Any) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://{master}", rank=rank, world_size=world)
     model = nn.parallel.DistributedDataParallel(build_model(width))
     opt = _sgd(model)
     out.put(_step_seconds(model, opt.step, rank, steps))
@@ -136,13 +138,15 @@ def _rpc_push_and_pull(grads: list[torch.Tensor]) -> torch.futures.Future[list[t
     return _RPC_SERVER.push_and_pull(grads)
 
 
-def _rpc_process(rank: int, world: int, port: int, steps: int, width: int, out: Any) -> None:
-    """Rank 0 is the server, ranks 1.. the workers."""
+def _rpc_process(rank: int, world: int, master: str, steps: int, width: int, out: Any, tcp: bool = False) -> None:
+    """Rank 0 is the server, ranks 1.. the workers. `tcp`: TensorPipe over TCP
+    only; otherwise it finds the processes on one machine and uses shared memory."""
     global _RPC_SERVER
     torch.set_num_threads(1)
     if rank == 0:
         _RPC_SERVER = _RPCParameterServer(world - 1, width)
-    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=120)
+    transports: dict[str, Any] = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://{master}", rpc_timeout=120, **transports)
     rpc.init_rpc(  # type: ignore[no-untyped-call]
         "ps" if rank == 0 else f"worker{rank}", rank=rank, world_size=world, rpc_backend_options=options
     )
@@ -160,11 +164,18 @@ def _rpc_process(rank: int, world: int, port: int, steps: int, width: int, out: 
     rpc.shutdown()
 
 
-def _run_processes(target: Callable[..., None], world: int, *args: Any, **kwargs: Any) -> list[list[float]]:
-    """Run `target(rank, world, *args, out, **kwargs)` in `world` processes; their reports."""
+def _run_processes(
+    target: Callable[..., None], world: int, *args: Any, hosts: Sequence[Host] | None = None, **kwargs: Any
+) -> list[list[float]]:
+    """Run `target(rank, world, *args, out, **kwargs)` in `world` processes,
+    rank r on `hosts[r]` if given; their reports."""
     context = process_context()
     out = context.Queue()
-    processes = [context.Process(target=target, args=(rank, world, *args, out), kwargs=kwargs) for rank in range(world)]
+    processes = [
+        context.Process(target=_on_host, args=(hosts[rank] if hosts else None, target, rank, world, *args, out),
+                        kwargs=kwargs)
+        for rank in range(world)
+    ]  # fmt: skip
     for process in processes:
         process.start()
     reports = []
@@ -181,17 +192,33 @@ def _run_processes(target: Callable[..., None], world: int, *args: Any, **kwargs
     return reports
 
 
+def _on_host(host: Host | None, target: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    if host is not None:
+        host.enter()
+        # gloo and TensorPipe pick an interface from the hostname, which names no address here.
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["TP_SOCKET_IFNAME"] = host.interface
+    target(*args, **kwargs)
+
+
 def _median_step(reports: list[list[float]], warmup: int) -> float:
     """The slowest worker's median step (in BSP all wait for it)."""
     return max(statistics.median(times[warmup:]) for times in reports)
 
 
-def ddp_seconds(workers: int, steps: int, warmup: int, width: int = 2048) -> float:
-    return _median_step(_run_processes(_ddp_worker, workers, free_port(), steps, width), warmup)
+def _master(hosts: Sequence[Host] | None) -> str:
+    """Rank 0's address for torch.distributed's rendezvous (a fresh host has every port free)."""
+    return f"{hosts[0].address}:29500" if hosts else f"127.0.0.1:{free_port()}"
 
 
-def rpc_seconds(workers: int, steps: int, warmup: int, width: int = 2048) -> float:
-    return _median_step(_run_processes(_rpc_process, workers + 1, free_port(), steps, width), warmup)
+def ddp_seconds(workers: int, steps: int, warmup: int, width: int = 2048, hosts: Sequence[Host] | None = None) -> float:
+    """`hosts`: one per worker."""
+    return _median_step(_run_processes(_ddp_worker, workers, _master(hosts), steps, width, hosts=hosts), warmup)
+
+
+def rpc_seconds(workers: int, steps: int, warmup: int, width: int = 2048, hosts: Sequence[Host] | None = None) -> float:
+    """`hosts`: the server's, then one per worker."""
+    reports = _run_processes(_rpc_process, workers + 1, _master(hosts), steps, width, hosts=hosts, tcp=bool(hosts))
+    return _median_step(reports, warmup)
 
 
 def our_seconds(workers: int, servers: int, steps: int, warmup: int, width: int = 2048, **options: Any) -> float:
@@ -199,12 +226,13 @@ def our_seconds(workers: int, servers: int, steps: int, warmup: int, width: int 
 
 
 def our_run(
-    workers: int, servers: int, steps: int, warmup: int, width: int = 2048, **options: Any
-) -> tuple[float, list[int]]:
+    workers: int, servers: int, steps: int, warmup: int, width: int = 2048,
+    server_hosts: Sequence[Host] | None = None, worker_hosts: Sequence[Host] | None = None, **options: Any,
+) -> tuple[float, list[int]]:  # fmt: skip
     """Median step and each server's peak RSS growth over its idle RSS, in bytes."""
-    with server_processes(servers) as (addresses, processes):
+    with server_processes(servers, hosts=server_hosts) as (addresses, processes):
         idle = [_rss(p.pid, "VmRSS") for p in processes]
-        reports = _run_processes(_our_worker, workers, addresses, steps, width, **options)
+        reports = _run_processes(_our_worker, workers, addresses, steps, width, hosts=worker_hosts, **options)
         growth = [_rss(p.pid, "VmHWM") - before for p, before in zip(processes, idle, strict=True)]
     return _median_step(reports, warmup), growth
 
@@ -239,21 +267,71 @@ def run(quick: bool) -> list[Row]:
     }, rounds=1 if quick else 3)  # fmt: skip
     ddp, rpc_ps = seconds["ddp"], seconds["rpc"]
     ours = {name: seconds[name] for name in variants}
-    ms = 1000
-
-    def row(name: str, us: float, baseline: float, target: float) -> Row:
-        return Row(name=name, ours=round(us * ms, 1), baseline=round(baseline * ms, 1), unit="ms/step",
-                   ratio=round(baseline / us, 3), target=target)  # fmt: skip
-
-    rows = [row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
-                DDP_TARGET if variant == "fp32" else COMPRESSED_TARGET)
-            for variant in ours]  # fmt: skip
-    rows.append(row(f"training step, {size}: overlap on vs off (fp32)", ours["fp32 + overlap"], ours["fp32"], 1.0))
-    rows.append(row(f"training step, {size}, fp32 vs torch.distributed.rpc parameter server", ours["fp32"], rpc_ps,
-                    1.0))  # fmt: skip
-    rows.append(row(f"training step, {size}, bf16 vs torch.distributed.rpc parameter server", ours["bf16"], rpc_ps,
-                    1.0))  # fmt: skip
+    rows = [
+        _step_row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
+                  DDP_TARGET if variant == "fp32" else COMPRESSED_TARGET)
+        for variant in ours
+    ]  # fmt: skip
+    step = f"training step, {size}"
+    rows.append(_step_row(f"{step}: overlap on vs off (fp32)", ours["fp32 + overlap"], ours["fp32"], 1.0))
+    rows.append(_step_row(f"{step}, fp32 vs torch.distributed.rpc parameter server", ours["fp32"], rpc_ps, 1.0))
+    rows.append(_step_row(f"{step}, bf16 vs torch.distributed.rpc parameter server", ours["bf16"], rpc_ps, 1.0))
     return rows
+
+
+NETWORK_MBIT = 1000
+# Our runs over the emulated network: name -> (servers, DistributedOptimizer options).
+NETWORK_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
+    "fp32, 1 server": (1, VARIANTS["fp32"]),
+    "bf16, 1 server": (1, VARIANTS["bf16"]),
+    "top-1%, 1 server": (1, VARIANTS["top-1%"]),
+    "fp32, 2 servers": (2, VARIANTS["fp32"]),
+    "fp32 + overlap, 2 servers": (2, VARIANTS["fp32 + overlap"]),
+}
+
+
+def run_network(quick: bool) -> list[Row]:
+    """The training step with every process on a host of its own and every
+    link carrying NETWORK_MBIT each way (benchmarks/hosts.py). On loopback
+    the 2 cores set the pace and bytes cost little; here the network does,
+    as on a cluster, so what compression, overlap and servers save shows."""
+    unavailable = "--quick" if quick else emulated.available()
+    if unavailable:
+        print(f"network rows skipped: {unavailable}")
+        return []
+    steps, warmup = 8, 2
+    numel = sum(p.numel() for p in build_model().parameters())
+    size = f"{numel / 1e6:.1f}M-param MLP, 2 workers"
+    with emulated.emulated_hosts(["worker0", "worker1", "server0", "server1"], NETWORK_MBIT) as on:
+        workers, servers = [on["worker0"], on["worker1"]], [on["server0"], on["server1"]]
+        seconds = interleaved({
+            "ddp": lambda: ddp_seconds(2, steps, warmup, hosts=workers),
+            "rpc": lambda: rpc_seconds(2, steps, warmup, hosts=[servers[0], *workers]),
+            **{name: partial(our_seconds, 2, count, steps, warmup, server_hosts=servers[:count], worker_hosts=workers,
+                             **options)
+               for name, (count, options) in NETWORK_RUNS.items()},
+        }, rounds=1)  # fmt: skip
+
+    def row(what: str, ours: str, baseline: str, target: float) -> Row:
+        return _step_row(f"{NETWORK_MBIT} Mbit/s links, {size}: {what}", seconds[ours], seconds[baseline], target)
+
+    rows = [row(f"{name} vs DDP over gloo", name, "ddp", DDP_TARGET if name.startswith("fp32") else COMPRESSED_TARGET)
+            for name in NETWORK_RUNS]  # fmt: skip
+    rows += [row(f"{name} vs torch.distributed.rpc parameter server", name, "rpc", 1.0)
+             for name in ("fp32, 1 server", "bf16, 1 server")]  # fmt: skip
+    rows += [
+        row("compression: bf16 vs fp32, 1 server", "bf16, 1 server", "fp32, 1 server", 1.0),
+        row("compression: top-1% vs fp32, 1 server", "top-1%, 1 server", "fp32, 1 server", 1.0),
+        row("overlap on vs off, fp32, 2 servers", "fp32 + overlap, 2 servers", "fp32, 2 servers", 1.0),
+        row("2 servers vs 1, fp32", "fp32, 2 servers", "fp32, 1 server", 1.0),
+    ]
+    return rows
+
+
+def _step_row(name: str, ours: float, baseline: float, target: float) -> Row:
+    """Seconds per step, as ms/step; faster than the baseline is a ratio above 1."""
+    return Row(name=name, ours=round(ours * 1000, 1), baseline=round(baseline * 1000, 1), unit="ms/step",
+               ratio=round(baseline / ours, 3), target=target)  # fmt: skip
 
 
 def run_scaling(quick: bool) -> list[Row]:

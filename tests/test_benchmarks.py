@@ -5,6 +5,7 @@ asserts a speed: that is what the benchmarks themselves report."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from multiprocessing import forkserver
 
 import pytest
 
-from benchmarks import training_step, update_rate, wire
+from benchmarks import hosts, training_step, update_rate, wire
 from benchmarks.common import Row, process_context, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +56,32 @@ def test_training_step_measurements_run_on_every_system() -> None:
         seconds, growth = training_step.our_run(workers, 1, steps=3, warmup=1, width=WIDTH, optimizer=optimizer,
                                                 mode=mode)  # fmt: skip
         assert seconds > 0 and len(growth) == 1 and growth[0] > 0
+
+
+def _bytes_sent(host: hosts.Host) -> int:
+    stats = subprocess.run(host.command("cat", f"/sys/class/net/{host.interface}/statistics/tx_bytes"),
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    return int(stats.stdout)
+
+
+@pytest.mark.skipif(hosts.available() is not None, reason=hosts.available() or "")
+def test_training_step_measurements_cross_the_links_between_separate_hosts() -> None:
+    """Each system's gradients really travel between the hosts (TensorPipe,
+    left to itself, finds the processes on one machine and takes shared memory)."""
+    model_bytes = 4 * sum(p.numel() for p in training_step.build_model(WIDTH).parameters())
+    steps = 3
+    with hosts.emulated_hosts(["worker0", "worker1", "server"], rate_mbit=1000) as on:
+        workers = [on["worker0"], on["worker1"]]
+        for measure in (
+            lambda: training_step.ddp_seconds(2, steps, 1, WIDTH, hosts=workers),
+            lambda: training_step.rpc_seconds(2, steps, 1, WIDTH, hosts=[on["server"], *workers]),
+            lambda: training_step.our_seconds(2, 1, steps, 1, WIDTH, server_hosts=[on["server"]],
+                                              worker_hosts=workers),
+        ):  # fmt: skip
+            before = _bytes_sent(workers[1])
+            assert measure() > 0
+            # DDP sends each worker's half of the gradients; the others all of them.
+            assert _bytes_sent(workers[1]) - before > steps * model_bytes / 2
 
 
 def test_rows_are_written_with_the_fields_the_json_promises() -> None:
