@@ -151,15 +151,18 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
     def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
         # One message: the limit is gRPC's message size, not --chunk-bytes.
         # A second message is enough to refuse; serializing the rest would be wasted.
-        messages = list(itertools.islice(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES), 2))
+        messages = list(itertools.islice(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES, together=True), 2))
         if len(messages) > 1:
             raise InvalidArgument("the answer takes more than one message; use Pull for keys this large")
         return b"".join(messages[0]) if messages else b""
 
-    def _pull(self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int) -> Iterator[list[Any]]:
+    def _pull(
+        self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int, together: bool = False
+    ) -> Iterator[list[Any]]:
         """The serialized PullResponses answering `request` (at most `chunk_bytes`
-        of tensor data each), once it may read; each as its pieces, which
-        are views of the live weights where those hold still (BSP)."""
+        of tensor data each), as its keys become readable (`together`: once
+        all are, in as few messages as fit); each as its pieces, which are
+        views of the live weights where those hold still (BSP)."""
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -167,28 +170,36 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if remaining is not None:
             limits.append(max(0.0, remaining - 0.05))
         timeout = min(limits)
-        pulled = self.shard.pull(
-            request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout, request.masks
-        )
-        chunks = (
-            chunk for item in pulled for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse)
-        )
-        batches = codec.batched(chunks, chunk_bytes)
         hold_still = self.shard.values_hold_still()
         sent = 0
-        while True:
-            # Chunks are views of the live weights. Where an update may come
-            # meanwhile, each message is copied under the lock, so it is one
-            # consistent copy; elsewhere the views go out as they are.
-            with self.shard.reading():
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                parts = wire.pull_parts(wire.Frame(chunks=batch))
-                if not hold_still:
-                    parts = [b"".join(parts)]
-            sent += sum(len(c.data) + len(c.indices) for c in batch)
-            yield parts
+        # Keys go out in the batches the shard makes them readable (BSP: as
+        # their steps complete), each batch in messages of its own, so that
+        # no message waits for a key that is not ready.
+        readable = self.shard.pull(
+            request.worker_id, request.step, request.keys, request.wait_for_all_workers, timeout, request.masks
+        )
+        if together:
+            readable = iter([[item for ready in readable for item in ready]])
+        for ready in readable:
+            chunks = (
+                chunk
+                for item in ready
+                for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse)
+            )
+            batches = codec.batched(chunks, chunk_bytes)
+            while True:
+                # Chunks are views of the live weights. Where an update may come
+                # meanwhile, each message is copied under the lock, so it is one
+                # consistent copy; elsewhere the views go out as they are.
+                with self.shard.reading():
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    parts = wire.pull_parts(wire.Frame(chunks=batch))
+                    if not hold_still:
+                        parts = [b"".join(parts)]
+                sent += sum(len(c.data) + len(c.indices) for c in batch)
+                yield parts
         self.shard.count("bytes_out", sent)
 
     @_status_errors

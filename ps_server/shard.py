@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,9 +394,14 @@ class Shard:
         wait_for_all: bool,
         timeout: float | None,
         masks: bool = False,
-    ) -> list[PulledKey]:
-        """`keys` (all if empty) once `worker_id` may read them for `step`;
-        with `masks`, the pruning masks of those that have one instead.
+    ) -> Iterator[list[PulledKey]]:
+        """`keys` (all if empty), in batches as `worker_id` may read them for
+        `step`; with `masks`, the pruning masks of those that have one instead.
+
+        In BSP a key may be read as soon as its own step is complete, while
+        others still wait for pushes: a worker that pulls while it pushes
+        receives the first keys while it sends the last. In ASP and SSP, and
+        when waiting for all workers, every key becomes readable at once.
 
         The values are the live tensors, not copies (a copy of the whole shard
         per pull would double the server's memory): read them inside
@@ -407,45 +412,66 @@ class Shard:
         with self._cond:
             self._require_job()
             self._check_worker(worker_id)
-            slots = [self._slot(k) for k in keys] if keys else list(self.slots.values())
+            pending = [self._slot(k) for k in keys] if keys else list(self.slots.values())
             self._seen(worker_id)
-            next_log = time.monotonic() + self._wait_log_interval
-            while not self._closed:
-                self._expire_workers()
-                blocking = self._blocking_workers(step, slots, wait_for_all)
-                if not blocking:
-                    break
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self.counters["pull_timeouts"] += 1
-                    raise WaitTimeout(
-                        f"worker {worker_id} cannot read step {step} yet: waiting for workers {blocking} to push"
-                    )
-                if now >= next_log:
-                    log.info(
-                        "worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking
-                    )
-                    next_log = now + self._wait_log_interval
-                # Wake at least every second to notice departed workers.
-                self._cond.wait(min(next_log, deadline or next_log, now + 1.0) - now)
-            if self._closed:
-                raise Unavailable("server is shutting down")
-            if masks:
-                return [
-                    PulledKey(s.spec.key, s.mask.view(tuple(s.spec.shape)), s.version, sparse=False)
-                    for s in slots
-                    if s.mask is not None
-                ]
-            pulled = []
-            for slot in slots:
-                value = slot.value.view(tuple(slot.spec.shape))
-                pulled.append(PulledKey(slot.spec.key, value, slot.version, sparse=slot.mask is not None))
-                self._pulled_version[(worker_id, slot.spec.key)] = slot.version
-            self.counters["pulls"] += 1
-            return pulled
+            if not pending:
+                self.counters["pulls"] += 1
+        while pending:
+            with self._cond:
+                ready = self._wait_readable(worker_id, step, pending, wait_for_all, deadline)
+                taken = {id(slot) for slot in ready}
+                pending = [slot for slot in pending if id(slot) not in taken]
+                if not pending:
+                    self.counters["pulls"] += 1
+                if masks:
+                    batch = [
+                        PulledKey(s.spec.key, s.mask.view(tuple(s.spec.shape)), s.version, sparse=False)
+                        for s in ready
+                        if s.mask is not None
+                    ]
+                else:
+                    batch = []
+                    for slot in ready:
+                        value = slot.value.view(tuple(slot.spec.shape))
+                        batch.append(PulledKey(slot.spec.key, value, slot.version, sparse=slot.mask is not None))
+                        self._pulled_version[(worker_id, slot.spec.key)] = slot.version
+            yield batch
+
+    def _wait_readable(
+        self, worker_id: int, step: int, slots: list[Slot], wait_for_all: bool, deadline: float | None
+    ) -> list[Slot]:
+        """Those of `slots` that `worker_id` may read for `step`, once there are
+        any (called holding the lock, which waiting releases)."""
+        next_log = time.monotonic() + self._wait_log_interval
+        while not self._closed:
+            self._expire_workers()
+            ready = self._readable(step, slots, wait_for_all)
+            if ready:
+                return ready
+            blocking = self._blocking_workers(step, slots, wait_for_all)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.counters["pull_timeouts"] += 1
+                raise WaitTimeout(
+                    f"worker {worker_id} cannot read step {step} yet: waiting for workers {blocking} to push"
+                )
+            if now >= next_log:
+                log.info("worker %d waits to read step %d: workers %s have not pushed yet", worker_id, step, blocking)
+                next_log = now + self._wait_log_interval
+            # Wake at least every second to notice departed workers.
+            self._cond.wait(min(next_log, deadline or next_log, now + 1.0) - now)
+        raise Unavailable("server is shutting down")
+
+    def _readable(self, step: int, slots: list[Slot], wait_for_all: bool) -> list[Slot]:
+        assert self.job is not None
+        if self.job.mode == pb.BSP and not wait_for_all:
+            ready = [s for s in slots if s.version >= step]
+            if ready:
+                return ready
+        return [] if self._blocking_workers(step, slots, wait_for_all) else slots
 
     def _blocking_workers(self, step: int, slots: list[Slot], wait_for_all: bool) -> list[int]:
-        """The workers whose pushes a read for `step` still waits for (empty: may read)."""
+        """The workers whose pushes a read of `slots` for `step` still waits for (empty: may read)."""
         assert self.job is not None
         workers = [w for w in range(self.job.num_workers) if w not in self._departed]
         if wait_for_all:

@@ -4,7 +4,8 @@ Three verbs, like ps-lite's Push/Pull: `init` declares the parameters and the
 optimizer (worker 0 uploads the initial values, the others wait for that),
 `push` sends one step's gradients (`push_stream` the same, fed gradient by
 gradient while backward runs), `pull` reads the weights the job's
-consistency mode allows into the given tensors. Calls to different servers
+consistency mode allows into the given tensors; `push_pull` does a push
+and the next step's pull, at once where the mode allows. Calls to different servers
 run concurrently; every call has a deadline, and every wait logs what it
 waits for.
 """
@@ -48,6 +49,11 @@ class ClientConfig:
     timeout: float = setting(60.0, "deadline in seconds of a call that waits for nobody (push, the transfer of a pull)")
     wait_timeout: float = setting(600.0, "longest wait for servers to come up, for initialization or for other workers")
     wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
+    pull_while_pushing: bool = setting(
+        True,
+        "BSP: pull the next step's weights while pushing, each key as soon as its step is complete (faster "
+        "over a network; on a machine of few cores shared with the servers, off is faster)",
+    )
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
     push_request_bytes: int = setting(
@@ -85,7 +91,10 @@ class PSClient:
         self._stubs = [
             self._stub(address, channel) for address, channel in zip(self.addresses, self._channels, strict=True)
         ]
-        self._pool = futures.ThreadPoolExecutor(max_workers=len(self.addresses), thread_name_prefix="ps-client")
+        # A job per server for a push and one for a pull at once (push_pull).
+        self._pool = futures.ThreadPoolExecutor(max_workers=2 * len(self.addresses), thread_name_prefix="ps-client")
+        self._puller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-push-pull")
+        self._mode: Mode = "bsp"
         self._pieces: list[list[Piece]] = []  # per server
         self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
         self._compressor = Compressor(None)
@@ -122,6 +131,7 @@ class PSClient:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         if staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {staleness}")
+        self._mode = mode
         tensors = [TensorInfo(n, p.numel(), p.element_size()) for n, p in named_parameters]
         self.prunable = {n for n, p in named_parameters if pruning is not None and pruning.prunable(n, p)}
         placement = plan_placement(tensors, len(self.addresses), self.config.max_piece_bytes)
@@ -197,6 +207,13 @@ class PSClient:
         `prune_thresholds` (worker 0, on pruning steps): per parameter, the
         magnitude at or below which the servers prune this step's weights.
         """
+        self._prepare_push(grads, step, prune_thresholds)
+        self._send_push(step)
+
+    def _prepare_push(
+        self, grads: Mapping[str, torch.Tensor | None], step: int, prune_thresholds: Mapping[str, float] | None
+    ) -> None:
+        """Check and encode a push (raising for bad input before anything is sent) as the one to send."""
         missing = set(self._pieces_of) - set(grads)
         if missing:
             raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
@@ -206,6 +223,8 @@ class PSClient:
         for name, grad in grads.items():
             payloads.update(self._encode(name, grad))
         self._last_push = (self._push_header(step, prune_thresholds), payloads)
+
+    def _send_push(self, step: int) -> None:
         self._on_every_server(
             lambda s: self._retry_while_waiting(s, f"to take the push of step {step}", lambda: self._push_to(s))
         )
@@ -290,6 +309,39 @@ class PSClient:
         for batch in batches:
             yield wire.Frame(chunks=batch)
 
+    def push_pull(
+        self,
+        grads: Mapping[str, torch.Tensor | None],
+        step: int,
+        into: Mapping[str, torch.Tensor],
+        prune_thresholds: Mapping[str, float] | None = None,
+    ) -> None:
+        """`push(grads, step)`, then `pull(into, step + 1)`; in BSP, with
+        `pull_while_pushing` (the default), both at once.
+
+        A BSP server sends each key back as soon as its step is complete, so
+        weights come down while gradients still go up: over a network, one
+        transfer each way at the same time instead of one after the other,
+        as an all-reduce moves them. (In ASP and SSP a pull started with the
+        push could read weights without this worker's update.) If the push
+        fails, the pull is abandoned (within `wait_log_interval`) and the
+        push's error raised.
+        """
+        if self._mode != "bsp" or not self.config.pull_while_pushing:
+            self.push(grads, step, prune_thresholds)
+            self.pull(into, step + 1)
+            return
+        self._prepare_push(grads, step, prune_thresholds)  # bad input is refused before the pull starts
+        abandoned = threading.Event()
+        pulling = self._puller.submit(self._pull, into, step + 1, abandoned=abandoned)
+        try:
+            self._send_push(step)
+        except BaseException:
+            abandoned.set()
+            futures.wait([pulling])
+            raise
+        pulling.result()
+
     def pull(
         self,
         into: Mapping[str, torch.Tensor],
@@ -304,14 +356,27 @@ class PSClient:
         `on_arrival(name)` is called (from a client thread) as soon as one
         tensor has arrived whole, before the others.
         """
+        self._pull(into, step, wait_for_all_workers, on_arrival)
+
+    def _pull(
+        self,
+        into: Mapping[str, torch.Tensor],
+        step: int,
+        wait_for_all_workers: bool = False,
+        on_arrival: Callable[[str], None] | None = None,
+        abandoned: threading.Event | None = None,
+    ) -> None:
+        """`pull`; one that `abandoned` is set for stops at its next wait."""
         flat = {name: _flat(t, name) for name, t in into.items()}
-        missing_pieces = {name: len(self._pieces_of[name]) for name in flat}
+        # By piece key, not a count: an attempt cut off midway is repeated whole.
+        missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in flat}
         counting = threading.Lock()
 
         def arrived(piece: Piece) -> None:
             with counting:
-                missing_pieces[piece.name] -= 1
-                whole = missing_pieces[piece.name] == 0
+                missing = missing_pieces[piece.name]
+                whole = piece.key in missing and len(missing) == 1
+                missing.discard(piece.key)
             if whole and on_arrival is not None:
                 on_arrival(piece.name)
 
@@ -358,7 +423,7 @@ class PSClient:
                     raise
                 server_was_down = False
 
-            self._retry_while_waiting(server, f"to read step {step}", attempt_after_recovery)
+            self._retry_while_waiting(server, f"to read step {step}", attempt_after_recovery, abandoned=abandoned)
 
         self._on_every_server(pull_server)
 
@@ -392,6 +457,7 @@ class PSClient:
         self._closing.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join()
+        self._puller.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         for stub in self._stubs:
             stub.close()
@@ -452,8 +518,16 @@ class PSClient:
         what = "to be initialized by worker 0" if initialized else "to come up"
         return self._retry_while_waiting(server, what, hello, pause=0.2)
 
-    def _retry_while_waiting(self, server: int, what: str, call: Callable[[], T], pause: float = 0.1) -> T:
-        """Repeat `call` while it fails because it is waiting, logging, up to wait_timeout."""
+    def _retry_while_waiting(
+        self,
+        server: int,
+        what: str,
+        call: Callable[[], T],
+        pause: float = 0.1,
+        abandoned: threading.Event | None = None,
+    ) -> T:
+        """Repeat `call` while it fails because it is waiting, logging, up to
+        wait_timeout, or until `abandoned` is set."""
         address = self.addresses[server]
         start = time.monotonic()
         next_log = start + self.config.wait_log_interval
@@ -461,7 +535,7 @@ class PSClient:
             try:
                 return call()
             except PSError as exc:
-                if exc.code not in _RETRY_WHILE_WAITING:
+                if exc.code not in _RETRY_WHILE_WAITING or (abandoned is not None and abandoned.is_set()):
                     raise
                 now = time.monotonic()
                 if now - start >= self.config.wait_timeout:

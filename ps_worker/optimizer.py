@@ -159,17 +159,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         started = time.perf_counter()
-        if self._push is None:
-            self.synchronize()
-            self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+        if not self._hooks:
+            weights = self._staging.weights()
+            self.client.push_pull(self._staging.grads(), self._step, weights, self._prune_thresholds())
+            self._step += 1
+            self._staging.upload()
         else:
-            push, self._push = self._push, None
-            push.finish()
-        self._step += 1
-        if self._hooks:
+            if self._push is None:
+                self.synchronize()
+                self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+            else:
+                push, self._push = self._push, None
+                push.finish()
+            self._step += 1
             self._pull_in_background()
-        else:
-            self._pull()
         self.communication_seconds += time.perf_counter() - started
         return loss
 

@@ -156,7 +156,7 @@ def test_bsp_shard_restored_while_workers_were_a_step_apart_resumes_at_the_lates
     restarted.restore(state)  # at version 1: steps 1 and 2 are lost
     restarted.push(0, 2, [], {"w": torch.ones(4)})
     restarted.push(1, 3, [], {"w": torch.ones(4)})  # refused before: "which is at step 2"
-    assert restarted.pull(0, 3, [], False, timeout=1.0)[0].version == 3  # worker 0 may read step 3
+    assert next(restarted.pull(0, 3, [], False, timeout=1.0))[0].version == 3  # worker 0 may read step 3
     restarted.push(0, 3, [], {"w": torch.ones(4)})
     assert restarted.stats().keys[0].version == 4
 
