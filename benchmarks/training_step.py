@@ -87,13 +87,14 @@ def _ddp_worker(rank: int, world: int, master: str, steps: int, width: int, out:
 
 def _our_worker(
     rank: int, world: int, addresses: list[str], steps: int, width: int, out: Any,
-    optimizer: str = "SGD-momentum", mode: Mode = "bsp", **options: Any,
+    optimizer: str = "SGD-momentum", mode: Mode = "bsp", client: dict[str, Any] | None = None, **options: Any,
 ) -> None:  # fmt: skip
+    """`client`: ClientConfig settings; `options`: DistributedOptimizer's."""
     torch.set_num_threads(1)
     model = build_model(width)
-    with PSClient(addresses, rank, world, ClientConfig(timeout=120)) as client:
+    with PSClient(addresses, rank, world, ClientConfig(timeout=120, **(client or {}))) as ps:
         make_optimizer, _ = OPTIMIZERS[optimizer]
-        opt = DistributedOptimizer(make_optimizer(model), client, named_parameters=model.named_parameters(),
+        opt = DistributedOptimizer(make_optimizer(model), ps, named_parameters=model.named_parameters(),
                                    mode=mode, **options)  # fmt: skip
         out.put(_step_seconds(model, opt.step, rank, steps))
         opt.close()
@@ -252,14 +253,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"compression": Compression("bf16")},
     "bf16 + overlap": {"overlap": True, "compression": Compression("bf16")},
     "top-1%": {"compression": Compression("topk", 0.01)},
+    "fp32, push then pull": {"client": {"pull_while_pushing": False}},
 }
+QUICK_VARIANTS = ["fp32", "fp32 + overlap", "bf16", "bf16 + overlap"]
 
 
 def run(quick: bool) -> list[Row]:
     steps, warmup = (10, 3) if quick else (25, 5)
     numel = sum(p.numel() for p in build_model().parameters())
     size = f"{numel / 1e6:.1f}M-param MLP, batch {BATCH}/worker, 2 workers"
-    variants = [v for v in VARIANTS if not (quick and v.startswith("top"))]  # top-k: the slow one
+    variants = QUICK_VARIANTS if quick else list(VARIANTS)
     seconds = interleaved({
         "ddp": lambda: ddp_seconds(2, steps, warmup),
         "rpc": lambda: rpc_seconds(2, steps, warmup),
@@ -271,9 +274,13 @@ def run(quick: bool) -> list[Row]:
         _step_row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
                   DDP_TARGET if variant == "fp32" else COMPRESSED_TARGET)
         for variant in ours
+        if "push then pull" not in variant
     ]  # fmt: skip
     step = f"training step, {size}"
     rows.append(_step_row(f"{step}: overlap on vs off (fp32)", ours["fp32 + overlap"], ours["fp32"], 1.0))
+    sequential = ours.get("fp32, push then pull")
+    if sequential is not None:
+        rows.append(_step_row(f"{step}: pull while pushing on vs off (fp32)", ours["fp32"], sequential, 1.0))
     rows.append(_step_row(f"{step}, fp32 vs torch.distributed.rpc parameter server", ours["fp32"], rpc_ps, 1.0))
     rows.append(_step_row(f"{step}, bf16 vs torch.distributed.rpc parameter server", ours["bf16"], rpc_ps, 1.0))
     return rows
@@ -286,6 +293,7 @@ NETWORK_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     "bf16, 1 server": (1, VARIANTS["bf16"]),
     "top-1%, 1 server": (1, VARIANTS["top-1%"]),
     "fp32, 2 servers": (2, VARIANTS["fp32"]),
+    "fp32, push then pull, 2 servers": (2, VARIANTS["fp32, push then pull"]),
     "fp32 + overlap, 2 servers": (2, VARIANTS["fp32 + overlap"]),
 }
 
@@ -316,7 +324,7 @@ def run_network(quick: bool) -> list[Row]:
         return _step_row(f"{NETWORK_MBIT} Mbit/s links, {size}: {what}", seconds[ours], seconds[baseline], target)
 
     rows = [row(f"{name} vs DDP over gloo", name, "ddp", DDP_TARGET if name.startswith("fp32") else COMPRESSED_TARGET)
-            for name in NETWORK_RUNS]  # fmt: skip
+            for name in NETWORK_RUNS if "push then pull" not in name]  # fmt: skip
     rows += [row(f"{name} vs torch.distributed.rpc parameter server", name, "rpc", 1.0)
              for name in ("fp32, 1 server", "bf16, 1 server")]  # fmt: skip
     rows += [
@@ -324,6 +332,7 @@ def run_network(quick: bool) -> list[Row]:
         row("compression: top-1% vs fp32, 1 server", "top-1%, 1 server", "fp32, 1 server", 1.0),
         row("overlap on vs off, fp32, 2 servers", "fp32 + overlap, 2 servers", "fp32, 2 servers", 1.0),
         row("2 servers vs 1, fp32", "fp32, 2 servers", "fp32, 1 server", 1.0),
+        row("pull while pushing on vs off, fp32, 2 servers", "fp32, 2 servers", "fp32, push then pull, 2 servers", 1.0),
     ]
     return rows
 

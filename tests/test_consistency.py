@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -12,17 +14,18 @@ import pytest
 import torch
 
 from ps_common import codec, wire
-from ps_common.errors import WaitTimeout
+from ps_common.errors import FailedPrecondition, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
+from ps_server.shard import Shard
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from tests.training import SPLITTING, batches, loss_of, max_difference, small_model, train_local
 
 WORKERS = 4
 
 
-def _bsp_worker(addresses: list[str], rank: int, model: torch.nn.Module, data, make_opt) -> None:  # type: ignore[no-untyped-def]
-    with PSClient(addresses, rank, WORKERS, SPLITTING) as client:
+def _bsp_worker(addresses: list[str], rank: int, model: torch.nn.Module, data, make_opt, config) -> None:  # type: ignore[no-untyped-def]
+    with PSClient(addresses, rank, WORKERS, config) as client:
         opt = DistributedOptimizer(make_opt(model), client, named_parameters=model.named_parameters(), mode="bsp")
         for x, y in data:
             quarter = slice(rank * len(x) // WORKERS, (rank + 1) * len(x) // WORKERS)
@@ -39,13 +42,17 @@ def _bsp_worker(addresses: list[str], rank: int, model: torch.nn.Module, data, m
     ],
     ids=["adam", "sgd-momentum"],
 )
-def test_bsp_four_workers_equal_single_process_on_the_whole_batch(make_opt) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("pull_while_pushing", [True, False], ids=["pull-while-pushing", "push-then-pull"])
+def test_bsp_four_workers_equal_single_process_on_the_whole_batch(make_opt, pull_while_pushing: bool) -> None:  # type: ignore[no-untyped-def]
     data = batches(60, batch=32)
     oracle = small_model()
     train_local(oracle, make_opt(oracle), data)
     replicas = [small_model() for _ in range(WORKERS)]
     with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(WORKERS) as pool:
-        jobs = [pool.submit(_bsp_worker, cluster.addresses, r, replicas[r], data, make_opt) for r in range(WORKERS)]
+        config = dataclasses.replace(SPLITTING, pull_while_pushing=pull_while_pushing)
+        jobs = [
+            pool.submit(_bsp_worker, cluster.addresses, r, replicas[r], data, make_opt, config) for r in range(WORKERS)
+        ]
         for job in jobs:
             job.result(timeout=120)
     for replica in replicas:
@@ -170,3 +177,35 @@ def test_pull_final_waits_for_every_worker_in_asp() -> None:
         _step(b, opt_b, 1.0)
         opt_a.pull_final()
         assert torch.allclose(a.weight.detach(), b.weight.detach())
+
+
+def test_a_bsp_pull_sends_each_key_as_soon_as_its_step_is_complete() -> None:
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 0.1})])
+    keys = [pb.KeySpec(key=k, dtype=pb.FLOAT32, shape=[4]) for k in ("a", "b")]
+    shard = Shard()
+    job = pb.JobSpec(mode=pb.BSP, num_workers=2, optimizer=options, keys=keys)
+    shard.init(job, {k.key: torch.zeros(4) for k in keys})
+    for worker in (0, 1):
+        shard.push(worker, 0, [], {"a": torch.ones(4)})
+    reading = shard.pull(0, 1, [], False, timeout=5.0)
+    first = next(reading)  # "b" still waits for both workers
+    assert [(k.key, k.version) for k in first] == [("a", 1)]
+    for worker in (0, 1):
+        shard.push(worker, 0, [], {"b": torch.ones(4)})
+    assert [(k.key, k.version) for k in next(reading)] == [("b", 1)]
+    assert next(reading, None) is None
+
+
+def test_push_pull_whose_push_is_refused_abandons_its_pull_and_raises_the_push_error() -> None:
+    config = ClientConfig(timeout=10, wait_log_interval=0.2)
+    model = torch.nn.Linear(2, 1)
+    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 2, config) as client:
+        client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
+        grads = {name: torch.ones_like(p) for name, p in model.named_parameters()}
+        into = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}
+        started = time.monotonic()
+        with pytest.raises(FailedPrecondition, match="in BSP a worker pulls each step's result"):
+            client.push_pull(grads, 3, into)  # the servers are at step 0
+        assert time.monotonic() - started < 5  # the pull, waiting for step 4, was not waited out
+        assert all(bool((t == 7.0).all()) for t in into.values())
+        assert [k.version for s in client.stats() for k in s.keys] == [0, 0]
