@@ -12,6 +12,7 @@ waits for.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import threading
@@ -49,10 +50,11 @@ class ClientConfig:
     timeout: float = setting(60.0, "deadline in seconds of a call that waits for nobody (push, the transfer of a pull)")
     wait_timeout: float = setting(600.0, "longest wait for servers to come up, for initialization or for other workers")
     wait_log_interval: float = setting(10.0, "seconds between log lines while waiting")
-    pull_while_pushing: bool = setting(
-        True,
-        "BSP: pull the next step's weights while pushing, each key as soon as its step is complete (faster "
-        "over a network; on a machine of few cores shared with the servers, off is faster)",
+    pull_while_pushing: bool | None = setting(
+        None,
+        "BSP: pull the next step's weights while pushing, each key as soon as its step is complete (using a "
+        "link both ways at once); default: on, unless every server is at a loopback address, where there is no "
+        "link and the two transfers only compete for this machine's cores",
     )
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
@@ -95,6 +97,7 @@ class PSClient:
         self._pool = futures.ThreadPoolExecutor(max_workers=2 * len(self.addresses), thread_name_prefix="ps-client")
         self._puller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-push-pull")
         self._mode: Mode = "bsp"
+        self._pull_while_pushing = pulls_while_pushing(self.config.pull_while_pushing, self.addresses)
         self._pieces: list[list[Piece]] = []  # per server
         self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
         self._compressor = Compressor(None)
@@ -317,7 +320,7 @@ class PSClient:
         prune_thresholds: Mapping[str, float] | None = None,
     ) -> None:
         """`push(grads, step)`, then `pull(into, step + 1)`; in BSP, with
-        `pull_while_pushing` (the default), both at once.
+        `pull_while_pushing` (by default, unless the servers are on loopback), both at once.
 
         A BSP server sends each key back as soon as its step is complete, so
         weights come down while gradients still go up: over a network, one
@@ -327,7 +330,7 @@ class PSClient:
         fails, the pull is abandoned (within `wait_log_interval`) and the
         push's error raised.
         """
-        if self._mode != "bsp" or not self.config.pull_while_pushing:
+        if self._mode != "bsp" or not self._pull_while_pushing:
             self.push(grads, step, prune_thresholds)
             self.pull(into, step + 1)
             return
@@ -656,6 +659,23 @@ def _check_finite(name: str, grad: torch.Tensor | None, step: int) -> None:
         raise InvalidArgument(
             f"gradient of {name!r} contains NaN or Inf; nothing of the push of step {step} was applied"
         )
+
+
+def pulls_while_pushing(setting: bool | None, addresses: Sequence[str]) -> bool:
+    """`setting` (ClientConfig.pull_while_pushing), or when it is None, whether
+    any server is reached over a link rather than loopback."""
+    if setting is not None:
+        return setting
+    return not all(_is_loopback(_host_of(address)) for address in addresses)
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
 
 
 def _host_of(address: str) -> str | None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ps_common.config import cli_args, parse_config, setting
 from ps_server.config import ServerConfig
+from ps_worker.client import pulls_while_pushing
 from ps_worker.config import WorkerConfig
 
 
@@ -59,3 +60,13 @@ def test_generated_stubs_match_the_proto() -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "gen_proto.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_pull_while_pushing_is_off_by_default_only_when_every_server_is_on_loopback() -> None:
+    assert not pulls_while_pushing(None, ["127.0.0.1:5000", "localhost:5001", "[::1]:5002"])
+    assert pulls_while_pushing(None, ["127.0.0.1:5000", "ps-server-1:5001"])  # a name: another host, maybe
+    assert pulls_while_pushing(None, ["10.0.0.7:5000"])
+    assert pulls_while_pushing(True, ["127.0.0.1:5000"]) and not pulls_while_pushing(False, ["10.0.0.7:5000"])
+    flags = parse_config(WorkerConfig, "test", ["--no-pull-while-pushing"], env={})
+    assert flags.client.pull_while_pushing is False
+    assert parse_config(WorkerConfig, "test", [], env={}).client.pull_while_pushing is None
