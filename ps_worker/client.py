@@ -336,7 +336,7 @@ class PSClient:
             return
         self._prepare_push(grads, step, prune_thresholds)  # bad input is refused before the pull starts
         abandoned = threading.Event()
-        pulling = self._puller.submit(self._pull, into, step + 1, abandoned=abandoned)
+        pulling = self._puller.submit(self.pull, into, step + 1, abandoned=abandoned)
         try:
             self._send_push(step)
         except BaseException:
@@ -351,25 +351,16 @@ class PSClient:
         step: int,
         wait_for_all_workers: bool = False,
         on_arrival: Callable[[str], None] | None = None,
+        abandoned: threading.Event | None = None,
     ) -> None:
         """Read the weights for `step` into the CPU tensors `into`, in place.
 
         Waits, logging, while the mode makes this worker wait for others
         (or, with `wait_for_all_workers`, until every worker pushed `step` steps).
         `on_arrival(name)` is called (from a client thread) as soon as one
-        tensor has arrived whole, before the others.
+        tensor has arrived whole, before the others. Once `abandoned` is set
+        (the push it waits for failed), the pull stops at its next wait.
         """
-        self._pull(into, step, wait_for_all_workers, on_arrival)
-
-    def _pull(
-        self,
-        into: Mapping[str, torch.Tensor],
-        step: int,
-        wait_for_all_workers: bool = False,
-        on_arrival: Callable[[str], None] | None = None,
-        abandoned: threading.Event | None = None,
-    ) -> None:
-        """`pull`; one that `abandoned` is set for stops at its next wait."""
         flat = {name: _flat(t, name) for name, t in into.items()}
         # By piece key, not a count: an attempt cut off midway is repeated whole.
         missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in flat}
