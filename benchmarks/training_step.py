@@ -19,9 +19,8 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from benchmarks import hosts as emulated
 from benchmarks.common import Row, free_port, interleaved, process_context, server_processes, wait_for
-from benchmarks.hosts import Host
+from benchmarks.hosts import Host, available, emulated_hosts
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.client import Mode
 from ps_worker.compression import Compression
@@ -303,14 +302,14 @@ def run_network(quick: bool) -> list[Row]:
     link carrying NETWORK_MBIT each way (benchmarks/hosts.py). On loopback
     the 2 cores set the pace and bytes cost little; here the network does,
     as on a cluster, so what compression, overlap and servers save shows."""
-    unavailable = "--quick" if quick else emulated.available()
+    unavailable = "--quick" if quick else available()
     if unavailable:
         print(f"network rows skipped: {unavailable}")
         return []
     steps, warmup = 8, 2
     numel = sum(p.numel() for p in build_model().parameters())
     size = f"{numel / 1e6:.1f}M-param MLP, 2 workers"
-    with emulated.emulated_hosts(["worker0", "worker1", "server0", "server1"], NETWORK_MBIT) as on:
+    with emulated_hosts(["worker0", "worker1", "server0", "server1"], NETWORK_MBIT) as on:
         workers, servers = [on["worker0"], on["worker1"]], [on["server0"], on["server1"]]
         seconds = interleaved({
             "ddp": lambda: ddp_seconds(2, steps, warmup, hosts=workers),
