@@ -123,19 +123,35 @@ def _byte_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
 
+def wire_dtype(stored: torch.dtype, half: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as `stored` travels in when its transfer is
+    compressed to the 16-bit float `half` (None: not compressed): floats
+    wider than `half` are cast to it, everything else travels as stored."""
+    if half is not None and stored.is_floating_point and stored.itemsize > half.itemsize:
+        return half
+    return stored
+
+
 def tensor_to_chunks(
-    key: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES, sparse_if_smaller: bool = False
+    key: str,
+    tensor: torch.Tensor,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sparse_if_smaller: bool = False,
+    cast_to: torch.dtype | None = None,
 ) -> Iterator[Chunk]:
     """Cut a CPU tensor into chunks of at most `chunk_bytes` data bytes.
 
     With `sparse_if_smaller`, a chunk whose non-zeros take fewer bytes as
-    (index, value) pairs travels that way. Dense chunks are views of the
-    tensor, so callers must not change it until the chunks are sent.
+    (index, value) pairs travels that way. With `cast_to`, a floating-point
+    tensor wider than that dtype travels cast to it, a chunk at a time.
+    Otherwise dense chunks are views of the tensor, so callers must not
+    change it until the chunks are sent.
     """
     flat = tensor.detach().contiguous().reshape(-1)
     shape = list(tensor.shape)
-    for offset, stop in _chunk_ranges(flat.numel(), flat.element_size(), chunk_bytes):
-        part = flat[offset:stop]
+    dtype = wire_dtype(flat.dtype, cast_to)
+    for offset, stop in _chunk_ranges(flat.numel(), dtype.itemsize, chunk_bytes):
+        part = flat[offset:stop].to(dtype)  # the view itself when no cast is needed
         if sparse_if_smaller and _sparse_is_smaller(int(torch.count_nonzero(part)), part.numel(), part.element_size()):
             indices = torch.nonzero(part).view(-1)
             yield _sparse_chunk(key, shape, offset, stop - offset, indices, part[indices])
@@ -228,14 +244,16 @@ def absent_chunk(key: str) -> Chunk:
 
 @dataclass
 class _Pending:
-    dest: np.ndarray  # uint8 view of the destination tensor's memory
-    dtype: int
+    dest: torch.Tensor  # flat destination
+    dtype: int  # the chunks' dtype, which `dest` may be wider than (a compressed transfer)
     shape: tuple[int, ...]
-    filled: int = 0  # bytes written so far
+    filled: int = 0  # elements written so far
 
 
 # Called with a key's first chunk; returns the flat tensor to fill, after
-# checking that key, dtype and shape are acceptable (raising otherwise).
+# checking that key, dtype and shape are acceptable (raising otherwise). Its
+# dtype may differ from the chunks' (weights pulled in bf16 into fp32
+# parameters): each chunk is then cast into it.
 Allocator = Callable[[ChunkLike], torch.Tensor]
 
 
@@ -245,8 +263,9 @@ class ChunkAssembler:
     Destinations come from `allocate`, so a server can refuse an unknown key
     or wrong shape before reserving memory, and a client can receive straight
     into its parameters; `on_complete(key)` hears of each tensor made whole
-    (so a worker can use a layer's weights before the rest arrive). `finish()` returns the completed tensors and the
-    keys marked absent, and raises if any tensor is incomplete.
+    (so a worker can use a layer's weights before the rest arrive).
+    `finish()` returns the completed tensors and raises if any is
+    incomplete; `absent` holds the keys marked absent.
     """
 
     def __init__(self, allocate: Allocator, on_complete: Callable[[str], None] | None = None) -> None:
@@ -256,6 +275,7 @@ class ChunkAssembler:
         self._tensors: dict[str, torch.Tensor] = {}
         self.absent: set[str] = set()
         self.bytes_received = 0
+        self._buffer: torch.Tensor | None = None
 
     def add(self, chunk: ChunkLike) -> None:
         key = chunk.key
@@ -270,33 +290,46 @@ class ChunkAssembler:
         if pending is None:
             if chunk.offset != 0:
                 raise InvalidArgument(f"key {key!r}: first chunk starts at element {chunk.offset}, not 0")
+            dtype_from_proto(chunk.dtype)  # a known dtype, before anything is allocated
             tensor = self._allocate(chunk)
             self._tensors[key] = tensor
-            pending = _Pending(_byte_view(tensor), chunk.dtype, tuple(chunk.shape))
+            pending = _Pending(tensor.view(-1), chunk.dtype, tuple(chunk.shape))
             self._pending[key] = pending
         elif chunk.dtype != pending.dtype or tuple(chunk.shape) != pending.shape:
             raise InvalidArgument(f"key {key!r}: dtype or shape changed between chunks")
-        tensor = self._tensors[key]
-        itemsize = tensor.element_size()
-        start = chunk.offset * itemsize
-        if start != pending.filled:
+        if chunk.offset != pending.filled:
             raise InvalidArgument(
-                f"key {key!r}: chunk at element {chunk.offset} but {pending.filled // itemsize} elements received"
+                f"key {key!r}: chunk at element {chunk.offset} but {pending.filled} elements received"
             )
-        stop = start + (chunk.length * itemsize if chunk.sparse else len(chunk.data))
-        if stop > pending.dest.size or len(chunk.data) % itemsize:
+        itemsize = dtype_from_proto(chunk.dtype).itemsize
+        count = chunk.length if chunk.sparse else len(chunk.data) // itemsize
+        stop = chunk.offset + count
+        if stop > pending.dest.numel() or len(chunk.data) % itemsize:
             raise InvalidArgument(f"key {key!r}: chunk of {len(chunk.data)} bytes overruns or splits an element")
+        dest = pending.dest[chunk.offset : stop]
         if chunk.sparse:
-            _scatter(key, chunk, tensor[chunk.offset : chunk.offset + chunk.length])
+            _scatter(key, chunk, dest)
+        elif dest.dtype == dtype_from_proto(chunk.dtype):
+            _copy_into(_byte_view(dest), chunk.data)
         else:
-            _copy_into(pending.dest[start:stop], chunk.data)
+            dest.copy_(self._read_into_buffer(chunk, count))
         pending.filled = stop
         self.bytes_received += len(chunk.data) + len(chunk.indices)
-        if stop == pending.dest.size and self._on_complete is not None:
+        if stop == pending.dest.numel() and self._on_complete is not None:
             self._on_complete(key)
 
+    def _read_into_buffer(self, chunk: ChunkLike, count: int) -> torch.Tensor:
+        """The dense chunk's `count` elements, in its own dtype, read into a
+        buffer reused from chunk to chunk, to be cast into the destination."""
+        dtype = dtype_from_proto(chunk.dtype)
+        if self._buffer is None or self._buffer.dtype != dtype or self._buffer.numel() < count:
+            self._buffer = torch.empty(count, dtype=dtype)
+        buffer = self._buffer[:count]
+        _copy_into(_byte_view(buffer), chunk.data)
+        return buffer
+
     def finish(self) -> dict[str, torch.Tensor]:
-        incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.size]
+        incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.numel()]
         if incomplete:
             raise InvalidArgument(f"stream ended before these keys were complete: {incomplete}")
         return self._tensors
@@ -316,8 +349,10 @@ def _writable_copy(data: Data) -> bytearray:
 
 
 def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
-    """Write a sparse chunk into `dest` (its range): zeros, then the values."""
-    itemsize = dest.element_size()
+    """Write a sparse chunk into `dest` (its range): zeros, then the values
+    (cast to `dest`'s dtype)."""
+    dtype = dtype_from_proto(chunk.dtype)
+    itemsize = dtype.itemsize
     count = len(chunk.indices) // _INDEX_BYTES
     if len(chunk.indices) % _INDEX_BYTES or len(chunk.data) != count * itemsize:
         raise InvalidArgument(f"key {key!r}: sparse chunk has {count} indices but {len(chunk.data)} value bytes")
@@ -327,7 +362,7 @@ def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
         raise InvalidArgument(f"key {key!r}: sparse index outside its chunk of {chunk.length} elements")
     dest.zero_()
     if indices is not None:
-        dest[indices] = torch.frombuffer(_writable_copy(chunk.data), dtype=dest.dtype)
+        dest[indices] = torch.frombuffer(_writable_copy(chunk.data), dtype=dtype).to(dest.dtype)
 
 
 class HasChunks(Protocol):

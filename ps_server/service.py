@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
+
+# What a PullRequest's dtype may ask for. Not fp16: a weight beyond its range
+# would arrive as Inf.
+_PULL_DTYPES = {pb.DTYPE_UNSPECIFIED: None, pb.BFLOAT16: torch.bfloat16}
 
 
 def _status_errors(method: F) -> F:
@@ -170,6 +175,11 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if remaining is not None:
             limits.append(max(0.0, remaining - 0.05))
         timeout = min(limits)
+        if request.dtype not in _PULL_DTYPES:
+            raise InvalidArgument(
+                f"pull dtype must be DTYPE_UNSPECIFIED (as stored) or BFLOAT16, got code {request.dtype}"
+            )
+        cast_to = _PULL_DTYPES[request.dtype]
         hold_still = self.shard.values_hold_still()
         sent = 0
         # Keys go out in the batches the shard makes them readable (BSP: as
@@ -184,7 +194,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             chunks = (
                 chunk
                 for item in ready
-                for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse)
+                for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
             )
             batches = codec.batched(chunks, chunk_bytes)
             while True:

@@ -179,9 +179,10 @@ class Shard:
         """Allocator for a Push stream: only known keys, with their shape, and
         their dtype or (compressed gradients) a half-precision one."""
         slot = self._slot(chunk.key)
-        if chunk.dtype in _WIRE_HALVES and slot.value.is_floating_point() and slot.value.element_size() > 2:
+        half = codec.dtype_from_proto(chunk.dtype) if chunk.dtype in _WIRE_HALVES else None
+        if half is not None and codec.wire_dtype(slot.value.dtype, half) == half:
             _check_matches(slot.spec, chunk, dtype=chunk.dtype)
-            return torch.empty(slot.value.shape, dtype=codec.dtype_from_proto(chunk.dtype))
+            return torch.empty(slot.value.shape, dtype=half)
         _check_matches(slot.spec, chunk)
         return torch.empty_like(slot.value)
 

@@ -101,6 +101,7 @@ class PSClient:
         self._pieces: list[list[Piece]] = []  # per server
         self._pieces_of: dict[str, list[Piece]] = {}  # per parameter name
         self._compressor = Compressor(None)
+        self._pull_as: torch.dtype | None = None  # the half precision weights travel in, if any
         self._optimizer: torch.optim.Optimizer | None = None
         self.prunable: set[str] = set()  # names of the parameters pruning applies to
         self._last_push: tuple[pb.PushHeader, dict[str, Payload | None]] | None = None
@@ -124,7 +125,7 @@ class PSClient:
         """Declare the job; worker 0 uploads the values of `named_parameters`
         (the optimizer's parameters, on any device). With `pruning`, the
         servers keep masks for the parameters it selects; `compression` is how
-        this worker's pushes travel.
+        this worker's pushes and pulls travel.
 
         The others wait (up to `wait_timeout`, logging) until worker 0 has
         done so and check that they declare the same job. Returns the step
@@ -141,6 +142,7 @@ class PSClient:
         self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
         self._pieces_of = {t.name: [p for p in placement if p.name == t.name] for t in tensors}
         self._compressor = Compressor(compression)
+        self._pull_as = self._compressor.pull_dtype
         self._optimizer = optimizer
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         params = dict(named_parameters)
@@ -352,6 +354,7 @@ class PSClient:
         wait_for_all_workers: bool = False,
         on_arrival: Callable[[str], None] | None = None,
         abandoned: threading.Event | None = None,
+        full_precision: bool = False,
     ) -> None:
         """Read the weights for `step` into the CPU tensors `into`, in place.
 
@@ -360,7 +363,10 @@ class PSClient:
         `on_arrival(name)` is called (from a client thread) as soon as one
         tensor has arrived whole, before the others. Once `abandoned` is set
         (the push it waits for failed), the pull stops at its next wait.
+        Weights travel as the job's compression says (`Compression.pull`),
+        unless `full_precision` (to read the final model exactly).
         """
+        half = None if full_precision else self._pull_as
         flat = {name: _flat(t, name) for name, t in into.items()}
         # By piece key, not a count: an attempt cut off midway is repeated whole.
         missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in flat}
@@ -382,19 +388,23 @@ class PSClient:
                 if piece is None:
                     raise InvalidArgument(f"{self.addresses[server]} sent unknown key {chunk.key!r}")
                 dest = flat[piece.name][piece.start : piece.stop]
-                if chunk.dtype != codec.dtype_to_proto(dest.dtype) or list(chunk.shape) != [piece.numel]:
+                expected = codec.dtype_to_proto(codec.wire_dtype(dest.dtype, half))
+                if chunk.dtype != expected or list(chunk.shape) != [piece.numel]:
                     raise InvalidArgument(
                         f"{self.addresses[server]} sent key {chunk.key!r} with another dtype or shape"
                     )
                 return dest
 
-            dense_bytes = sum(p.numel * flat[p.name].element_size() for p in pieces.values() if p.name in flat)
+            dense_bytes = sum(
+                p.numel * codec.wire_dtype(flat[p.name].dtype, half).itemsize for p in pieces.values() if p.name in flat
+            )
             fits_one_message = dense_bytes <= codec.DEFAULT_CHUNK_BYTES  # what PullOne answers at most
             request = pb.PullRequest(
                 worker_id=self.worker_id,
                 step=step,
                 wait_for_all_workers=wait_for_all_workers,
                 wait_seconds=self.config.wait_log_interval,
+                dtype=pb.DTYPE_UNSPECIFIED if half is None else codec.dtype_to_proto(half),
             )
             deadline = self.config.wait_log_interval + self.config.timeout
 

@@ -13,7 +13,12 @@
   only (on one thread, torch.topk over a whole 1M-element piece cost 9.3 ms,
   this 1.5 ms).
 
-Weights are always pulled at full precision.
+Weights may travel back in bf16 too (`pull="bf16"`): the servers keep and
+update them at full precision and round them only on the way out, as mixed
+precision training keeps fp32 master weights beside the bf16 copy it
+computes with (fp16 is not offered: a weight beyond its range would arrive
+as Inf). Workers then compute on the rounded weights; the final model is
+read at full precision (`DistributedOptimizer.pull_final`).
 """
 
 from __future__ import annotations
@@ -29,22 +34,27 @@ import torch
 from ps_common import codec
 
 Method = Literal["none", "fp16", "bf16", "topk"]
+PullMethod = Literal["none", "bf16"]
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SAMPLE = 4096  # elements sampled to place topk's threshold
 
 
 @dataclass(frozen=True)
 class Compression:
-    """How pushed gradients travel. `topk_ratio`: fraction of elements "topk" sends."""
+    """How pushed gradients travel (`method`; `topk_ratio`: fraction of
+    elements "topk" sends), and how pulled weights do (`pull`)."""
 
     method: Method = "none"
     topk_ratio: float = 0.01
+    pull: PullMethod = "none"
 
     def __post_init__(self) -> None:
         if self.method not in ("none", *_CASTS, "topk"):
             raise ValueError(f"compression must be none, fp16, bf16 or topk, got {self.method!r}")
         if not 0 < self.topk_ratio <= 1:
             raise ValueError(f"topk_ratio must be in (0, 1], got {self.topk_ratio}")
+        if self.pull not in ("none", "bf16"):
+            raise ValueError(f"pull compression must be none or bf16, got {self.pull!r}")
 
 
 @dataclass(frozen=True)
@@ -76,11 +86,16 @@ class Compressor:
         self._residuals: dict[str, torch.Tensor] = {}
         self._sampler = torch.Generator().manual_seed(0)
 
+    @property
+    def pull_dtype(self) -> torch.dtype | None:
+        """The half precision pulled weights travel in (None: as stored)."""
+        return _CASTS.get(self.compression.pull)
+
     def encode(self, key: str, grad: torch.Tensor) -> Payload:
         """The payload for piece `key` of this step's gradient (flat, CPU)."""
         method = self.compression.method
-        if method in _CASTS and grad.is_floating_point() and grad.element_size() > 2:
-            return Payload(grad.to(_CASTS[method]))
+        if method in _CASTS:
+            return Payload(grad.to(codec.wire_dtype(grad.dtype, _CASTS[method])))
         if method != "topk" or not grad.is_floating_point():
             return Payload(grad)
         residual = self._residuals.get(key)

@@ -32,6 +32,9 @@ class JobConfig:
     prune_frequency: int = setting(0, "steps between pruning steps (0: ten pruning steps from begin to end)")
     compression: Literal["none", "fp16", "bf16", "topk"] = setting("none", "how pushed gradients travel")
     topk_ratio: float = setting(0.01, "topk compression: fraction of each gradient's elements sent")
+    pull_compression: Literal["none", "bf16"] = setting(
+        "none", "how pulled weights travel: bf16 halves the bytes (servers keep full precision; the final model too)"
+    )
     overlap: bool = setting(False, "push during backward and pull the next weights in the background")
     seed: int = setting(0, "seed of the model initialization, data split and shuffling")
     device: str = setting("cpu", "torch device of the worker: cpu, cuda, cuda:1...")

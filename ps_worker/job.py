@@ -121,8 +121,8 @@ def run_worker(config: WorkerConfig, report: Report) -> dict[str, Any]:
         opt = DistributedOptimizer(
             build_optimizer(model, job), client, named_parameters=model.named_parameters(),
             mode=job.mode, staleness=job.staleness, scale_lr_by_staleness=job.scale_lr_by_staleness,
-            pruning=pruning_for(job, total), compression=Compression(job.compression, job.topk_ratio),
-            overlap=job.overlap,
+            pruning=pruning_for(job, total), overlap=job.overlap,
+            compression=Compression(job.compression, job.topk_ratio, job.pull_compression),
         )  # fmt: skip
         loss_fn = nn.CrossEntropyLoss()
         metrics = WorkerMetrics()

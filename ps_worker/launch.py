@@ -216,7 +216,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         ("test accuracy", f"[bold green]{summary['test_accuracy']:.4f}"),
         ("sparsity", f"{summary['sparsity']:.3f} (model {summary['model_bytes']:,} bytes)"),
         ("push bytes per step", f"{summary['push_bytes_per_step']:,} ({summary['job']['compression']})"),
-        ("pull bytes per step", f"{summary['pull_bytes_per_step']:,}"),
+        ("pull bytes per step", f"{summary['pull_bytes_per_step']:,} ({summary['job']['pull_compression']})"),
         ("bytes per server", ", ".join(f"{b:,}" for b in summary["server_bytes"])),
         ("updates per server", ", ".join(str(u) for u in summary["server_updates"])),
     ]

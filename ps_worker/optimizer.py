@@ -91,7 +91,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         staleness: SSP only, how many steps a worker may run ahead.
         scale_lr_by_staleness: ASP/SSP, divide a stale push's learning rate by its staleness.
         pruning: gradual magnitude pruning run on the servers (see PruningConfig).
-        compression: how gradients travel (see Compression); default full precision.
+        compression: how gradients and weights travel (see Compression); default full precision.
         overlap: push during backward and pull in the background (see above).
             Not for gradient accumulation (several backward passes per step).
     """
@@ -247,8 +247,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Wait until every worker has pushed as many steps as this one, then pull:
         the model after training, whatever the mode."""
         self.synchronize()
-        self._pull(wait_for_all_workers=True)
+        self._pull(final=True)
 
-    def _pull(self, wait_for_all_workers: bool = False) -> None:
-        self.client.pull(self._staging.weights(), self._step, wait_for_all_workers)
+    def _pull(self, final: bool = False) -> None:
+        # The final model is read exactly, even where weights travel in bf16.
+        self.client.pull(self._staging.weights(), self._step, wait_for_all_workers=final, full_precision=final)
         self._staging.upload()

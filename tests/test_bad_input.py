@@ -122,6 +122,17 @@ def test_push_without_header_is_refused(trained) -> None:  # type: ignore[no-unt
     _assert_same(before, _snapshot(shard))
 
 
+@pytest.mark.parametrize("dtype", [pb.FLOAT16, pb.INT8, 99])
+def test_pull_in_an_unsupported_dtype_is_refused(trained, dtype: int) -> None:  # type: ignore[no-untyped-def]
+    shard, stub, _ = trained
+    before = _snapshot(shard)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Pull(pb.PullRequest(worker_id=0, step=2, dtype=dtype), timeout=10))  # type: ignore[arg-type]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pull dtype must be DTYPE_UNSPECIFIED (as stored) or BFLOAT16" in info.value.details()
+    _assert_same(before, _snapshot(shard))
+
+
 def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[pb.InitRequest]:
     yield pb.InitRequest(header=pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=0, job=job))
     for key, value in values.items():

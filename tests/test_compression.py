@@ -1,15 +1,21 @@
-"""Compressed pushes: the codec round trip, error feedback, and the update
-the server applies from a compressed gradient."""
+"""Compressed pushes and pulls: the codec round trip, error feedback, the
+update the server applies from a compressed gradient, and training on
+weights pulled in bf16."""
 
 from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from ps_common import codec, wire
+from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression, Compressor, Payload
+from tests.training import SPLITTING, batches, loss_of, max_difference, small_model
 
 CONFIG = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)  # pieces of 1024 fp32
 
@@ -82,6 +88,88 @@ def test_bad_settings_are_refused() -> None:
         Compression("zip")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="topk_ratio"):
         Compression("topk", topk_ratio=0)
+    with pytest.raises(ValueError, match="pull compression"):
+        Compression(pull="fp16")  # type: ignore[arg-type]
+
+
+def test_weights_cast_on_the_way_decode_into_full_precision_as_the_rounded_weights() -> None:
+    """A pull in bf16: half the bytes, dense and sparse chunks, each chunk
+    cast into the fp32 destination; what is not a wider float travels as is."""
+    torch.manual_seed(4)
+    weights = torch.randn(5000)
+    weights[:2000][torch.rand(2000) < 0.9] = 0  # pruned: its chunks travel sparse
+    chunks = list(codec.tensor_to_chunks("w", weights, 1000, sparse_if_smaller=True, cast_to=torch.bfloat16))
+    assert {c.dtype for c in chunks} == {pb.BFLOAT16} and any(c.sparse for c in chunks)
+    dense_elements = 5000 - sum(c.length for c in chunks if c.sparse)
+    assert sum(len(c.data) for c in chunks if not c.sparse) == 2 * dense_elements
+    into = torch.full((5000,), float("nan"))
+    received = codec.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], lambda _: into)  # type: ignore[list-item]
+    assert received["w"] is into and torch.equal(into, weights.to(torch.bfloat16).float())
+    assert codec.wire_dtype(torch.float64, torch.bfloat16) == torch.bfloat16
+    for stored in (torch.float16, torch.bfloat16, torch.int64, torch.bool):
+        assert codec.wire_dtype(stored, torch.bfloat16) == stored
+    assert codec.wire_dtype(torch.float32, None) == torch.float32
+
+
+def _bsp_worker_on_bf16_weights(addresses: list[str], rank: int, model: torch.nn.Module, data, config) -> None:  # type: ignore[no-untyped-def]
+    with PSClient(addresses, rank, 2, config) as client:
+        opt = DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.25), client, named_parameters=model.named_parameters(),
+            compression=Compression(pull="bf16"),
+        )  # fmt: skip
+        for x, y in data:
+            for param in model.parameters():  # what backward runs on: the server's weights, rounded
+                assert torch.equal(param, param.to(torch.bfloat16).float())
+            half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+            opt.zero_grad()
+            loss_of(model, x[half], y[half]).backward()
+            opt.step()
+        opt.pull_final()
+
+
+@pytest.mark.parametrize("data_channel", [True, False], ids=["data-channel", "grpc"])
+def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(data_channel: bool) -> None:
+    """The oracle is mixed precision training in one process: torch.optim
+    updates fp32 master weights with the gradients computed on their bf16
+    rounding. (SGD with a power-of-two lr, the two halves' gradients
+    averaged as the server does: the same floats, so equal to the bit.)"""
+    data = batches(12, batch=32)
+    master, rounded = small_model(), small_model()
+    oracle = torch.optim.SGD(master.parameters(), lr=0.25)
+    for x, y in data:
+        halves = []
+        for half in (slice(0, 16), slice(16, 32)):
+            with torch.no_grad():
+                for r, m in zip(rounded.parameters(), master.parameters(), strict=True):
+                    r.copy_(m.to(torch.bfloat16))
+            rounded.zero_grad()
+            loss_of(rounded, x[half], y[half]).backward()
+            halves.append([r.grad.clone() for r in rounded.parameters()])  # type: ignore[union-attr]
+        for m, first, second in zip(master.parameters(), *halves, strict=True):
+            m.grad = (first + second) / 2
+        oracle.step()
+    full_precision = small_model()
+    oracle_fp32 = torch.optim.SGD(full_precision.parameters(), lr=0.25)
+    for x, y in data:
+        oracle_fp32.zero_grad()
+        loss_of(full_precision, x, y).backward()
+        oracle_fp32.step()
+
+    replicas = [small_model() for _ in range(2)]
+    config = dataclasses.replace(SPLITTING, data_channel=data_channel)
+    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+        jobs = [
+            pool.submit(_bsp_worker_on_bf16_weights, cluster.addresses, r, replicas[r], data, config) for r in (0, 1)
+        ]
+        for job in jobs:
+            job.result(timeout=120)
+        pulled = sum(server.shard.counters["bytes_out"] for server in cluster.servers)
+    for replica in replicas:  # the final model, read at full precision
+        assert max_difference(master, replica) == 0
+    assert max_difference(full_precision, replicas[0]) > 1e-4  # the rounding is not lost in the noise
+    weights = sum(p.numel() for p in master.parameters())
+    # Each worker's pulls: the first and one a step in bf16, the final model in fp32.
+    assert pulled == 2 * ((len(data) + 1) * weights * 2 + weights * 4)
 
 
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk"])

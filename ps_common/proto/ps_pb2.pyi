@@ -248,20 +248,22 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds", "masks")
+    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds", "masks", "dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FOR_ALL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     step: int
     keys: _containers.RepeatedScalarFieldContainer[str]
     wait_for_all_workers: bool
     wait_seconds: float
     masks: bool
-    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ...) -> None: ...
+    dtype: DType
+    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("chunks",)
