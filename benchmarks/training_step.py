@@ -252,6 +252,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"compression": Compression("bf16")},
     "bf16 + overlap": {"overlap": True, "compression": Compression("bf16")},
     "top-1%": {"compression": Compression("topk", 0.01)},
+    "bf16 both ways": {"compression": Compression("bf16", pull="bf16")},  # weights pulled in bf16 too
     "fp32, pull while pushing": {"client": {"pull_while_pushing": True}},  # off by default on loopback
 }
 QUICK_VARIANTS = ["fp32", "fp32 + overlap", "bf16", "bf16 + overlap"]
@@ -291,7 +292,11 @@ NETWORK_RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     "fp32, 1 server": (1, VARIANTS["fp32"]),
     "bf16, 1 server": (1, VARIANTS["bf16"]),
     "top-1%, 1 server": (1, VARIANTS["top-1%"]),
+    "bf16 both ways, 1 server": (1, VARIANTS["bf16 both ways"]),
     "fp32, 2 servers": (2, VARIANTS["fp32"]),
+    "bf16 both ways, 2 servers": (2, VARIANTS["bf16 both ways"]),
+    # Pieces (and requests) of 0.5 MiB instead of 4: a pull streams behind the push in finer steps.
+    "fp32, 0.5 MiB pieces, 2 servers": (2, {"client": {"max_piece_bytes": 2**19, "push_request_bytes": 2**19}}),
     "fp32, push then pull, 2 servers": (2, {"client": {"pull_while_pushing": False}}),
     "fp32 + overlap, 2 servers": (2, VARIANTS["fp32 + overlap"]),
 }
@@ -329,6 +334,13 @@ def run_network(quick: bool) -> list[Row]:
     rows += [
         row("compression: bf16 vs fp32, 1 server", "bf16, 1 server", "fp32, 1 server", 1.0),
         row("compression: top-1% vs fp32, 1 server", "top-1%, 1 server", "fp32, 1 server", 1.0),
+        row(
+            "compression: bf16 both ways vs bf16 pushes only, 1 server",
+            "bf16 both ways, 1 server",
+            "bf16, 1 server",
+            1.0,
+        ),
+        row("0.5 MiB pieces vs 4 MiB, fp32, 2 servers", "fp32, 0.5 MiB pieces, 2 servers", "fp32, 2 servers", 1.0),
         row("overlap on vs off, fp32, 2 servers", "fp32 + overlap, 2 servers", "fp32, 2 servers", 1.0),
         row("2 servers vs 1, fp32", "fp32, 2 servers", "fp32, 1 server", 1.0),
         row("pull while pushing on vs off, fp32, 2 servers", "fp32, 2 servers", "fp32, push then pull, 2 servers", 1.0),
