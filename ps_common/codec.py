@@ -151,7 +151,9 @@ def tensor_to_chunks(
     shape = list(tensor.shape)
     dtype = wire_dtype(flat.dtype, cast_to)
     for offset, stop in _chunk_ranges(flat.numel(), dtype.itemsize, chunk_bytes):
-        part = flat[offset:stop].to(dtype)  # the view itself when no cast is needed
+        part = flat[offset:stop]
+        if part.dtype != dtype:
+            part = part.to(dtype)
         if sparse_if_smaller and _sparse_is_smaller(int(torch.count_nonzero(part)), part.numel(), part.element_size()):
             indices = torch.nonzero(part).view(-1)
             yield _sparse_chunk(key, shape, offset, stop - offset, indices, part[indices])
