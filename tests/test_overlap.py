@@ -11,16 +11,19 @@ import torch
 from ps_common.errors import InvalidArgument
 from ps_server.harness import InProcessCluster
 from ps_worker import DistributedOptimizer, PSClient
+from ps_worker.compression import Compression
 from tests.training import SPLITTING, batches, loss_of, small_model
 
 WORKERS = 2
 
 
-def _train(addresses: list[str], rank: int, model: torch.nn.Module, overlap: bool, data) -> torch.nn.Module:  # type: ignore[no-untyped-def]
+def _train(
+    addresses: list[str], rank: int, model: torch.nn.Module, overlap: bool, data, compression
+) -> torch.nn.Module:  # type: ignore[no-untyped-def]
     with PSClient(addresses, rank, WORKERS, SPLITTING) as client:
         opt = DistributedOptimizer(
             torch.optim.Adam(model.parameters(), lr=1e-2), client,
-            named_parameters=model.named_parameters(), mode="bsp", overlap=overlap,
+            named_parameters=model.named_parameters(), mode="bsp", overlap=overlap, compression=compression,
         )  # fmt: skip
         for x, y in data:
             half = slice(rank * len(x) // WORKERS, (rank + 1) * len(x) // WORKERS)
@@ -32,17 +35,20 @@ def _train(addresses: list[str], rank: int, model: torch.nn.Module, overlap: boo
     return model
 
 
-def _bsp(overlap: bool, data) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
+def _bsp(overlap: bool, data, compression: Compression) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
     models = [small_model() for _ in range(WORKERS)]  # here: small_model seeds torch's global generator
     with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(WORKERS) as pool:
-        jobs = [pool.submit(_train, cluster.addresses, r, models[r], overlap, data) for r in range(WORKERS)]
+        jobs = [
+            pool.submit(_train, cluster.addresses, r, models[r], overlap, data, compression) for r in range(WORKERS)
+        ]
         return [job.result(timeout=120) for job in jobs]
 
 
-def test_overlap_gives_the_same_weights_as_the_plain_path_in_bsp() -> None:
+@pytest.mark.parametrize("compression", [Compression(), Compression(pull="bf16")], ids=["fp32", "bf16-pulls"])
+def test_overlap_gives_the_same_weights_as_the_plain_path_in_bsp(compression: Compression) -> None:
     data = batches(40, batch=16)
-    plain = _bsp(False, data)
-    overlapped = _bsp(True, data)
+    plain = _bsp(False, data, compression)
+    overlapped = _bsp(True, data, compression)
     for a, b in zip(plain, overlapped, strict=True):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
