@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict[str, Any]], None]
 
 # Learning rates that train this job well, per optimizer, when --lr is not given.
-DEFAULT_LR = {"sgd": 0.05, "adam": 3e-3, "adamw": 3e-3, "adagrad": 0.05, "rmsprop": 1e-3}
+DEFAULT_LR = {"sgd": 0.05, "adam": 4e-3, "adamw": 4e-3, "adagrad": 0.05, "rmsprop": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def build_model(name: str) -> nn.Module:
         )
     if name == "cnn":
         return nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
         )  # fmt: skip
     raise ValueError(f"unknown model {name!r}; choose mlp or cnn")
 
