@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ps_common.errors import FailedPrecondition
-from ps_server.shard import Shard
+from ps_server.shard import Shard, updates_taken
 from ps_server.storage import latest_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class Checkpointer:
                 raise FailedPrecondition("nothing to checkpoint: the server has not been initialized")
             path = write_checkpoint(self.directory, state, self._keep)
             versions = [s["version"] for s in state.meta["slots"].values()]
-            self._last_updates = max(versions, default=0)
+            self._last_updates = updates_taken(versions)
             self._last_time = time.monotonic()
         version = min(versions, default=0)
         log.info("checkpoint %s written at version %d", path, version)

@@ -415,15 +415,11 @@ class Shard:
             self._check_worker(worker_id)
             pending = [self._slot(k) for k in keys] if keys else list(self.slots.values())
             self._seen(worker_id)
-            if not pending:
-                self.counters["pulls"] += 1
         while pending:
             with self._cond:
                 ready = self._wait_readable(worker_id, step, pending, wait_for_all, deadline)
                 taken = {id(slot) for slot in ready}
                 pending = [slot for slot in pending if id(slot) not in taken]
-                if not pending:
-                    self.counters["pulls"] += 1
                 if masks:
                     batch = [
                         PulledKey(s.spec.key, s.mask.view(tuple(s.spec.shape)), s.version, sparse=False)
@@ -437,6 +433,8 @@ class Shard:
                         batch.append(PulledKey(slot.spec.key, value, slot.version, sparse=slot.mask is not None))
                         self._pulled_version[(worker_id, slot.spec.key)] = slot.version
             yield batch
+        with self._cond:
+            self.counters["pulls"] += 1
 
     def _wait_readable(
         self, worker_id: int, step: int, slots: list[Slot], wait_for_all: bool, deadline: float | None
@@ -589,10 +587,9 @@ class Shard:
             self.counters = Counter(state.meta["counters"])
 
     def progress(self) -> int:
-        """Updates the most-updated key has taken: the steps done in BSP, the
-        pushes taken in ASP/SSP, however many requests each push came in."""
+        """The shard's `updates_taken`."""
         with self._cond:
-            return max((s.version for s in self.slots.values()), default=0)
+            return updates_taken(s.version for s in self.slots.values())
 
     def metrics_snapshot(self) -> dict[str, Any]:
         with self._cond:
@@ -634,6 +631,12 @@ class Shard:
 
 # Dtypes a compressed gradient of a wider floating-point key may travel in.
 _WIRE_HALVES = (pb.FLOAT16, pb.BFLOAT16)
+
+
+def updates_taken(versions: Iterable[int]) -> int:
+    """Updates the most-updated of keys at `versions` has taken: the steps done
+    in BSP, the pushes taken in ASP/SSP, however many requests each push came in."""
+    return max(versions, default=0)
 
 
 def _check_matches(spec: pb.KeySpec, chunk: codec.ChunkLike, dtype: int | None = None) -> None:
