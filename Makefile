@@ -14,13 +14,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# One pytest process per core. The in-process tests are bound by one GIL
+# each; the end-to-end tests, which load every core, run one at a time in
+# one of them (tests/conftest.py puts them in one xdist group).
+PARALLEL := -n auto --dist loadgroup
+
 ## The whole suite: unit, integration (in-process cluster) and end-to-end tests.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PARALLEL)
 
 ## Everything but the end-to-end tests that start processes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest $(PARALLEL) -m "not e2e"
 
 ## Lint, format, types, and generated stubs in sync with proto/.
 check: $(STAMP)

@@ -31,3 +31,13 @@ def no_leftover_processes() -> Iterator[None]:
         except (ProcessLookupError, ChildProcessError):
             pass
     assert not leftover, f"test left child processes running: {sorted(leftover)}"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`), run the end-to-end tests one after
+    another in one worker: each loads every core, and two at once would only
+    stretch both past their deadlines."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
