@@ -65,6 +65,7 @@ class ShardOptimizer:
         members: list[list[torch.Tensor]] = [[] for _ in self.group_options]
         for param, group in zip(params, groups, strict=True):
             members[group].append(param)
+        self._group_of = {id(param): group for param, group in zip(params, groups, strict=True)}
         self._cls = cls
         self._fused = fused and "fused" in inspect.signature(cls).parameters
         for options in self.group_options:
@@ -101,21 +102,37 @@ class ShardOptimizer:
                 self._validate(new)
         return decoded
 
-    def step(self, options: Sequence[Mapping[str, Any]] | None, lr_scale: float = 1.0) -> None:
-        """Apply one update to every parameter whose `.grad` is set.
+    def step(
+        self, params: Sequence[torch.Tensor], options: Sequence[Mapping[str, Any]] | None, lr_scale: float = 1.0
+    ) -> None:
+        """Apply one update to `params` (some of this shard's, `.grad` set).
 
         `options` are the worker's current hyperparameters (already checked);
         `lr_scale` shrinks the learning rate for this step only.
         """
         if options is not None:
             self.group_options = [dict(o) for o in options]
-        for torch_group, group_options in zip(self._torch.param_groups, self.group_options, strict=True):
-            torch_group.update(group_options)
-            if self._fused and group_options.get("fused") is None and group_options.get("foreach") is None:
-                torch_group["fused"] = True
-            if lr_scale != 1.0:
-                torch_group["lr"] = torch_group["lr"] * lr_scale
-        self._torch.step()
+        # torch steps every parameter of its groups that has a gradient and
+        # looks at each to find out; a request may update a few keys of
+        # hundreds, so the groups hold only those for this step.
+        stepped: list[list[torch.Tensor]] = [[] for _ in self.group_options]
+        for param in params:
+            stepped[self._group_of[id(param)]].append(param)
+        held = [torch_group["params"] for torch_group in self._torch.param_groups]
+        try:
+            for torch_group, group_options, group_params in zip(
+                self._torch.param_groups, self.group_options, stepped, strict=True
+            ):
+                torch_group.update(group_options)
+                torch_group["params"] = group_params
+                if self._fused and group_options.get("fused") is None and group_options.get("foreach") is None:
+                    torch_group["fused"] = True
+                if lr_scale != 1.0:
+                    torch_group["lr"] = torch_group["lr"] * lr_scale
+            self._torch.step()
+        finally:
+            for torch_group, group_params in zip(self._torch.param_groups, held, strict=True):
+                torch_group["params"] = group_params
 
     def state_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The torch optimizer's state as named tensors plus JSON-able rest."""

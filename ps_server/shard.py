@@ -100,7 +100,8 @@ class Shard:
         self.job: pb.JobSpec | None = None
         self.slots: dict[str, Slot] = {}
         self._optimizer: ShardOptimizer | None = None
-        self._clock: dict[int, int] = {}  # worker -> steps completely pushed
+        self._clock: dict[int, int] = {}  # worker -> steps completely pushed; read through _clocks()
+        self._clock_stale: set[int] = set()  # workers that pushed since their clock was computed
         self._last_push_time: dict[int, float] = {}
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
@@ -120,7 +121,7 @@ class Shard:
                 self._seen(worker_id)
             elif not 0 <= worker_id < num_workers:
                 raise InvalidArgument(f"worker id {worker_id} is out of range for {num_workers} workers")
-            clock = self._clock.get(worker_id, 0)
+            clock = self._clocks().get(worker_id, 0)
             if self.job is not None and self.job.mode == pb.BSP:
                 # A worker that was left behind resumes at the step the others reached.
                 clock = max(clock, min((s.version for s in self.slots.values()), default=0))
@@ -216,10 +217,11 @@ class Shard:
             options = optimizer.check_options(groups) if groups else None
             if thresholds:
                 self._check_thresholds(job, worker_id, thresholds)
-            if job.mode == pb.SSP and step < max(self._clock.values(), default=0) - job.staleness - 1:
+            fastest = max(self._clocks().values(), default=0)
+            if job.mode == pb.SSP and step < fastest - job.staleness - 1:
                 raise FailedPrecondition(
                     f"worker {worker_id} pushed step {step}, older than the staleness bound {job.staleness} allows "
-                    f"(the fastest worker has pushed {max(self._clock.values())} steps); nothing was applied"
+                    f"(the fastest worker has pushed {fastest} steps); nothing was applied"
                 )
             fresh = {}
             for key in [*grads, *absent]:
@@ -356,7 +358,7 @@ class Shard:
             slot.value.grad.mul_(mask)  # type: ignore[union-attr]
         started = time.perf_counter()
         try:
-            optimizer.step(options, lr_scale)
+            optimizer.step([s.value for s in slots], options, lr_scale)
         finally:
             for slot in slots:
                 slot.value.grad = None
@@ -379,11 +381,20 @@ class Shard:
                 raise InvalidArgument(f"pruning threshold {threshold} of {name!r} must be finite and >= 0")
 
     def _advance_clock(self, worker_id: int, step: int) -> None:
-        """A worker's clock: the steps it has pushed for every key of this server."""
         if self.slots:
-            self._clock[worker_id] = min(s.last_push.get(worker_id, -1) for s in self.slots.values()) + 1
+            self._clock_stale.add(worker_id)
         else:
             self._clock[worker_id] = max(self._clock.get(worker_id, 0), step + 1)
+
+    def _clocks(self) -> dict[int, int]:
+        """Each worker's clock: the steps it has pushed for every key of this
+        server. Computed when read, for the workers that pushed since: on
+        each push request it would be a pass over every key (a model cut
+        into many pieces sends many requests per step)."""
+        for worker in self._clock_stale:
+            self._clock[worker] = min(s.last_push.get(worker, -1) for s in self.slots.values()) + 1
+        self._clock_stale.clear()
+        return self._clock
 
     # -- pull ------------------------------------------------------------------------
 
@@ -483,7 +494,8 @@ class Shard:
             needed = step - self.job.staleness
         else:
             return []
-        return [w for w in workers if self._clock.get(w, 0) < needed]
+        clocks = self._clocks()
+        return [w for w in workers if clocks.get(w, 0) < needed]
 
     # -- introspection and lifecycle ---------------------------------------------------
 
@@ -519,7 +531,7 @@ class Shard:
                 ],
                 workers=[
                     pb.WorkerStats(worker_id=w, clock=c, last_push_unix=self._last_push_time.get(w, 0.0))
-                    for w, c in sorted(self._clock.items())
+                    for w, c in sorted(self._clocks().items())
                 ],
                 total_bytes=sum(s.nbytes for s in self.slots.values()),
                 pushes=self.counters["pushes"],
@@ -548,7 +560,7 @@ class Shard:
                 applied = {w: min(s, slot.version - 1) if bsp else s for w, s in slot.last_push.items()}
                 slots[key] = {"version": slot.version, "last_push": {str(w): s for w, s in applied.items()}}
             lowest = min((s.version for s in self.slots.values()), default=0)
-            clocks = {str(w): min(c, lowest) if bsp else c for w, c in self._clock.items()}
+            clocks = {str(w): min(c, lowest) if bsp else c for w, c in self._clocks().items()}
             optimizer_tensors, optimizer_meta = self._optimizer.state_parts()
             tensors.update({f"optimizer/{k}": v for k, v in optimizer_tensors.items()})
             meta = {
@@ -583,6 +595,7 @@ class Shard:
         with self._cond:
             self.job, self.slots, self._optimizer = job, slots, optimizer
             self._clock = {int(w): c for w, c in state.meta["clocks"].items()}
+            self._clock_stale.clear()
             self._started = time.monotonic()
             self.counters = Counter(state.meta["counters"])
 

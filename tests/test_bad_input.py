@@ -28,7 +28,7 @@ def _snapshot(shard: Shard) -> dict[str, Any]:
         "values": {k: s.value.clone() for k, s in shard.slots.items()},
         "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
-        "clocks": dict(shard._clock),  # noqa: SLF001
+        "clocks": dict(shard._clocks()),  # noqa: SLF001
         "counters": {k: v for k, v in shard.counters.items() if not k.startswith("rejected_")},
     }
 

@@ -6,7 +6,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from ps_common import codec
+from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
+from ps_server.optimizer import ShardOptimizer
 from tests.training import batches, max_difference, small_model, train_distributed, train_local
 
 OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
@@ -63,3 +66,19 @@ def test_parameter_without_gradient_is_left_alone_like_torch_does() -> None:
         )
     assert torch.equal(extra_remote.detach(), torch.ones(3))
     assert max_difference(local, remote) <= 1e-6
+
+
+def test_a_step_of_some_keys_updates_those_and_keeps_every_key_in_the_optimizer() -> None:
+    """The shard's optimizer steps only the keys of a request; the others keep
+    their weights and state, and its groups still hold every key afterwards."""
+    params = [torch.zeros(4), torch.zeros(4), torch.zeros(4)]
+    spec = pb.OptimizerSpec(name="Adam", groups=[codec.options_to_proto({"lr": 0.1})] * 2)
+    optimizer = ShardOptimizer(spec, params, groups=[0, 1, 0], fused=True)
+    params[2].grad = torch.ones(4)
+    optimizer.step([params[2]], None)
+    params[2].grad = None
+    assert torch.equal(params[0], torch.zeros(4)) and torch.equal(params[1], torch.zeros(4))
+    assert torch.all(params[2] < 0)
+    state, _ = optimizer.state_parts()  # indexed in group order: group 0 holds keys 0 and 2
+    assert sorted(state) == ["1/exp_avg", "1/exp_avg_sq", "1/step"]
+    assert [len(g["params"]) for g in optimizer._torch.param_groups] == [2, 1]  # noqa: SLF001
