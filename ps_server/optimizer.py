@@ -63,9 +63,10 @@ class ShardOptimizer:
         self.name = spec.name
         self.group_options = [codec.options_from_proto(g) for g in spec.groups]
         members: list[list[torch.Tensor]] = [[] for _ in self.group_options]
+        self._group_of: dict[int, int] = {}  # id of a parameter -> its group
         for param, group in zip(params, groups, strict=True):
             members[group].append(param)
-        self._group_of = {id(param): group for param, group in zip(params, groups, strict=True)}
+            self._group_of[id(param)] = group
         self._cls = cls
         self._fused = fused and "fused" in inspect.signature(cls).parameters
         for options in self.group_options:

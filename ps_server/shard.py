@@ -217,12 +217,13 @@ class Shard:
             options = optimizer.check_options(groups) if groups else None
             if thresholds:
                 self._check_thresholds(job, worker_id, thresholds)
-            fastest = max(self._clocks().values(), default=0)
-            if job.mode == pb.SSP and step < fastest - job.staleness - 1:
-                raise FailedPrecondition(
-                    f"worker {worker_id} pushed step {step}, older than the staleness bound {job.staleness} allows "
-                    f"(the fastest worker has pushed {fastest} steps); nothing was applied"
-                )
+            if job.mode == pb.SSP:
+                fastest = max(self._clocks().values(), default=0)
+                if step < fastest - job.staleness - 1:
+                    raise FailedPrecondition(
+                        f"worker {worker_id} pushed step {step}, older than the staleness bound {job.staleness} "
+                        f"allows (the fastest worker has pushed {fastest} steps); nothing was applied"
+                    )
             fresh = {}
             for key in [*grads, *absent]:
                 slot = self._slot(key)
