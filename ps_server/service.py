@@ -156,10 +156,12 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
     def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
         # One message: the limit is gRPC's message size, not --chunk-bytes.
         # A second message is enough to refuse; serializing the rest would be wasted.
-        messages = list(itertools.islice(self._pull(request, context, codec.DEFAULT_CHUNK_BYTES, together=True), 2))
+        # Each joined as it comes: its pieces are valid only until the next is made.
+        pulled = self._pull(request, context, codec.DEFAULT_CHUNK_BYTES, together=True)
+        messages = [b"".join(parts) for parts in itertools.islice(pulled, 2)]
         if len(messages) > 1:
             raise InvalidArgument("the answer takes more than one message; use Pull for keys this large")
-        return b"".join(messages[0]) if messages else b""
+        return messages[0] if messages else b""
 
     def _pull(
         self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int, together: bool = False
@@ -167,7 +169,8 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         """The serialized PullResponses answering `request` (at most `chunk_bytes`
         of tensor data each), as its keys become readable (`together`: once
         all are, in as few messages as fit); each as its pieces, which are
-        views of the live weights where those hold still (BSP)."""
+        views of the live weights where those hold still (BSP), and valid
+        until the next message is asked for or the answer is closed."""
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -201,15 +204,21 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
                 # Chunks are views of the live weights. Where an update may come
                 # meanwhile, each message is copied under the lock, so it is one
                 # consistent copy; elsewhere the views go out as they are.
+                copy = None
                 with self.shard.reading():
                     batch = next(batches, None)
                     if batch is None:
                         break
                     parts = wire.pull_parts(wire.Frame(chunks=batch))
                     if not hold_still:
-                        parts = [b"".join(parts)]
+                        copy = self.shard.buffers.joined(parts)
+                        parts = [copy.numpy()]
                 sent += sum(len(c.data) + len(c.indices) for c in batch)
-                yield parts
+                try:
+                    yield parts
+                finally:
+                    if copy is not None:
+                        self.shard.buffers.give([copy])
         self.shard.count("bytes_out", sent)
 
     @_status_errors

@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from ps_common import codec
 from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
+from ps_server.buffers import BufferPool
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
 from ps_server.storage import ShardState
@@ -105,6 +106,7 @@ class Shard:
         self._last_push_time: dict[int, float] = {}
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
+        self.buffers = BufferPool()  # pushed gradients and what they are cast to
 
     # -- handshake and initialization ------------------------------------------------
 
@@ -183,9 +185,9 @@ class Shard:
         half = codec.dtype_from_proto(chunk.dtype) if chunk.dtype in _WIRE_HALVES else None
         if half is not None and codec.wire_dtype(slot.value.dtype, half) == half:
             _check_matches(slot.spec, chunk, dtype=chunk.dtype)
-            return torch.empty(slot.value.shape, dtype=half)
+            return self.buffers.take(slot.value.shape, half)
         _check_matches(slot.spec, chunk)
-        return torch.empty_like(slot.value)
+        return self.buffers.take(slot.value.shape, slot.value.dtype)
 
     def push(
         self,
@@ -248,6 +250,9 @@ class Shard:
                 self._accumulate(job, optimizer, checked)
             else:
                 self._apply_now(job, optimizer, checked)
+            # What is not kept as a BSP step's sum is free for the next push.
+            summed = {id(slot.grad_sum) for slot in fresh.values()}
+            self.buffers.give(grad for grad in grads.values() if id(grad) not in summed)
             self._advance_clock(worker_id, step)
             duplicates = len(grads) + len(absent) - len(fresh)
             self.counters["pushes"] += 1
@@ -264,7 +269,7 @@ class Shard:
             grad = push.grads.get(key)
             if grad is not None:
                 if slot.grad_sum is None:
-                    slot.grad_sum = grad.to(slot.value.dtype)  # the stream's buffer is ours: no copy if fp32
+                    slot.grad_sum = self._in_value_dtype(grad, slot)  # the stream's buffer is ours: no copy if fp32
                 else:
                     slot.grad_sum.add_(grad)  # adds a half-precision gradient without casting it first
             slot.contributors += 1
@@ -288,6 +293,7 @@ class Shard:
         for slot in with_grad:
             slot.value.grad = slot.grad_sum.div_(slot.contributors)  # type: ignore[union-attr]
         self._step(optimizer, options, with_grad)
+        self.buffers.give(slot.grad_sum for slot in with_grad)  # type: ignore[misc]
         for slot in ready:
             slot.grad_sum, slot.contributors = None, 0
             slot.version += 1
@@ -335,15 +341,23 @@ class Shard:
         for slot in push.fresh.values():
             if slot.spec.tensor in push.thresholds:
                 slot.prune(push.thresholds[slot.spec.tensor])
-        for slot in with_grad:
-            slot.value.grad = push.grads[slot.spec.key].to(slot.value.dtype)
+        grads = [self._in_value_dtype(push.grads[slot.spec.key], slot) for slot in with_grad]
+        for slot, grad in zip(with_grad, grads, strict=True):
+            slot.value.grad = grad
         lr_scale = 1.0 / max(1, staleness) if job.scale_lr_by_staleness else 1.0
         self._step(optimizer, push.options, with_grad, lr_scale)
+        self.buffers.give(grads)
         for key, slot in push.fresh.items():
             slot.last_push[push.worker_id] = push.step
             if key in push.grads:
                 slot.version += 1
                 slot.restored = False
+
+    def _in_value_dtype(self, grad: torch.Tensor, slot: Slot) -> torch.Tensor:
+        """`grad` itself if in the weights' dtype, else a cast copy lent by the pool."""
+        if grad.dtype == slot.value.dtype:
+            return grad
+        return self.buffers.take(grad.shape, slot.value.dtype).copy_(grad)
 
     def _step(
         self,

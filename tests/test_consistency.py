@@ -125,10 +125,12 @@ def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
                                    named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
         service = cluster.servers[0].service
-        first = next(service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context()))  # cut, not yet sent
+        answer = service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())
+        first = next(answer)  # cut, not yet sent (valid until the answer moves on)
         before = _decoded(first)
         _step(model, opt, 1.0)  # applied at once
         assert all(torch.equal(value, before[key]) for key, value in _decoded(first).items())
+        answer.close()
         after = _decoded(next(service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())))
         assert all(torch.allclose(after[key], before[key] - 0.1) for key in before)
 
