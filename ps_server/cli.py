@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import signal
 import sys
@@ -21,33 +19,7 @@ from ps_server.service import start_server
 log = logging.getLogger("ps_server")
 
 
-# glibc's mallopt parameters
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
-
-
-def _tune_malloc() -> None:
-    """Keep the server's gradient-sized buffers in malloc between steps.
-
-    - Two arenas: glibc gives each handler thread its own arena, and memory
-      freed into one is not reused by the others; with tensor-sized buffers
-      peak RSS grew by tens of MB for nothing.
-    - No returning freed memory to the kernel (trim threshold 1 GiB, and
-      allocations up to 32 MiB from the heap rather than mmap): each step
-      frees and reallocates its push buffers, and when glibc gave them back,
-      taking them again cost page faults, 11,000 a step and a quarter of the
-      server's CPU with bf16 pushes (benchmarks/training_step.py). The peak
-      is the same; the memory just stays at it.
-
-    Not glibc: no-op."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, 2)
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(M_TRIM_THRESHOLD, 2**30)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _tune_malloc()
     config = parse_config(ServerConfig, "Run one parameter server.", argv)
     setup_logging(config.log_level, config.log_json)
     torch.set_num_threads(config.torch_threads)
