@@ -106,7 +106,7 @@ class Shard:
         self._last_push_time: dict[int, float] = {}
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
-        self.buffers = BufferPool()  # pushed gradients and what they are cast to
+        self.buffers = BufferPool()  # pushed gradients, their fp32 casts, ASP pull copies (service.py)
 
     # -- handshake and initialization ------------------------------------------------
 
