@@ -65,6 +65,10 @@ class _ShardCollector(Collector):
         )
         yield GaugeMetricFamily("ps_shard_bytes", "Bytes of weights held", value=snapshot["bytes"])
         yield GaugeMetricFamily("ps_shard_keys", "Keys held", value=snapshot["keys"])
+        yield GaugeMetricFamily(
+            "ps_buffer_pool_idle_bytes", "Bytes of push and pull buffers waiting to be reused",
+            value=snapshot["buffer_pool_bytes"],
+        )  # fmt: skip
         now = time.time()
         connected = sum(1 for t in snapshot["last_push"].values() if now - t < CONNECTED_WITHIN_SECONDS)
         yield GaugeMetricFamily("ps_connected_workers", "Workers that pushed in the last minute", value=connected)

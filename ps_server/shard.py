@@ -627,6 +627,7 @@ class Shard:
                 "bytes": sum(s.nbytes for s in self.slots.values()),
                 "keys": len(self.slots),
                 "last_push": dict(self._last_push_time),
+                "buffer_pool_bytes": self.buffers.idle_bytes,
             }
 
     def count(self, counter: str, amount: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import urllib.request
 
 import grpc
@@ -59,6 +60,9 @@ def test_server_metrics_follow_prometheus_conventions() -> None:
     for name in ("ps_received_bytes_total", "ps_sent_bytes_total", "ps_update_duration_seconds_bucket",
                  "ps_push_staleness_updates_bucket", "ps_rejected_requests_total"):  # fmt: skip
         assert name in metrics, name
+    # The pushed gradients' buffers wait in the pool for the next push.
+    pooled = re.search(r"^ps_buffer_pool_idle_bytes (\S+)$", metrics, re.MULTILINE)
+    assert pooled is not None and float(pooled.group(1)) > 0
 
 
 def test_worker_metrics_are_served() -> None:
