@@ -13,6 +13,7 @@ what the buffers in flight need.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -49,10 +50,7 @@ class BufferPool:
     def take(self, shape: Iterable[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized tensor of `shape` and `dtype`."""
         shape = tuple(shape)
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         buffer = self._buffer(nbytes)
         return self._lend(buffer[:nbytes].view(dtype).view(shape), buffer)
 
