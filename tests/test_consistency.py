@@ -131,7 +131,9 @@ def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes
         _step(model, opt, 1.0)  # applied at once
         assert all(torch.equal(value, before[key]) for key, value in _decoded(first).items())
         answer.close()
-        after = _decoded(next(service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())))
+        again = service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())
+        after = _decoded(next(again))
+        again.close()
         assert all(torch.allclose(after[key], before[key] - 0.1) for key in before)
 
 
