@@ -254,6 +254,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "top-1%": {"compression": Compression("topk", 0.01)},
     "bf16 both ways": {"compression": Compression("bf16", pull="bf16")},  # weights pulled in bf16 too
     "fp32, pull while pushing": {"client": {"pull_while_pushing": True}},  # off by default on loopback
+    # Workers on the servers' host reach them through a Unix socket by default; here, as from another host, by TCP.
+    "fp32 over loopback TCP": {"client": {"data_socket": False}},
 }
 QUICK_VARIANTS = ["fp32", "fp32 + overlap", "bf16", "bf16 + overlap"]
 
@@ -272,12 +274,15 @@ def run(quick: bool) -> list[Row]:
     ours = {name: seconds[name] for name in variants}
     rows = [
         _step_row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
-                  DDP_TARGET if variant == "fp32" else COMPRESSED_TARGET)
+                  DDP_TARGET if variant in ("fp32", "fp32 over loopback TCP") else COMPRESSED_TARGET)
         for variant in ours
         if "pull" not in variant
     ]  # fmt: skip
     step = f"training step, {size}"
     rows.append(_step_row(f"{step}: overlap on vs off (fp32)", ours["fp32 + overlap"], ours["fp32"], 1.0))
+    if "fp32 over loopback TCP" in ours:
+        tcp = ours["fp32 over loopback TCP"]
+        rows.append(_step_row(f"{step}: Unix socket vs loopback TCP (fp32)", ours["fp32"], tcp, 1.0))
     if "fp32, pull while pushing" in ours:
         rows.append(_step_row(f"{step}: pull while pushing on vs off (fp32)", ours["fp32, pull while pushing"],
                               ours["fp32"], 1.0))  # fmt: skip

@@ -2,11 +2,14 @@
 socket echoing the same bytes over loopback (from another process, in the
 same 4 MiB messages), and against bare gRPC Python
 streaming the same bytes between two processes (the transport's own ceiling),
-served from a thread pool as ours is and, for comparison, from grpc.aio."""
+served from a thread pool as ours is and, for comparison, from grpc.aio.
+Ours goes over loopback TCP against the TCP echo, and over the servers'
+Unix socket (what a worker on their host takes) against a Unix socket echo."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -18,6 +21,7 @@ import grpc
 import torch
 
 from benchmarks.common import Row, interleaved, median_seconds, process_context, server_processes, wait_for
+from ps_common import data_channel
 from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
@@ -35,11 +39,22 @@ def _pieces(nbytes: int) -> list[int]:
     return [min(DEFAULT_CHUNK_BYTES, nbytes - start) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
 
 
-def _raw_echo(nbytes: int, rounds: int, ports: Any) -> None:
+def _listener(unix: bool) -> socket.socket:
+    if not unix:
+        return socket.create_server(("127.0.0.1", 0))
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"\0ps-bench-echo-{os.getpid()}")
+    listener.listen(1)
+    return listener
+
+
+def _raw_echo(nbytes: int, rounds: int, addresses: Any, unix: bool) -> None:
     """Take `nbytes` and send them back, `rounds` times, through one reused 4 MiB buffer."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        ports.put(listener.getsockname()[1])
+    with _listener(unix) as listener:
+        addresses.put(listener.getsockname())
         conn, _ = listener.accept()
+        if unix:
+            data_channel.tune(conn)  # the send buffer our Unix sockets get
         buffer = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
         with conn:
             for _ in range(rounds):
@@ -49,18 +64,23 @@ def _raw_echo(nbytes: int, rounds: int, ports: Any) -> None:
                     conn.sendall(buffer[:size])
 
 
-def raw_tcp_seconds(nbytes: int, repeats: int) -> float:
+def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False) -> float:
     """Send `nbytes` to an echo process and read them back: the floor for push +
     pull. Like ours, in 4 MiB messages through reused buffers, which stay in
-    cache: measured here, that is up to 1.5x faster than one 64 MiB buffer."""
+    cache: measured here, that is up to 1.5x faster than one 64 MiB buffer.
+    `unix`: through a Unix socket instead of loopback TCP."""
     context = process_context()
-    ports = context.Queue()
-    process = context.Process(target=_raw_echo, args=(nbytes, repeats + 1, ports))
+    addresses = context.Queue()
+    process = context.Process(target=_raw_echo, args=(nbytes, repeats + 1, addresses, unix))
     process.start()
     payload = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     back = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     try:
-        with socket.create_connection(("127.0.0.1", wait_for(ports, [process], "the echo's port"))) as sock:
+        address = wait_for(addresses, [process], "the echo's address")
+        with socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.connect(address)
+            if unix:
+                data_channel.tune(sock)
 
             def round_trip() -> None:
                 for size in _pieces(nbytes):
@@ -154,9 +174,11 @@ def bare_grpc_seconds(nbytes: int, repeats: int, use_aio: bool = False) -> float
         return median_seconds(round_trip, repeats)
 
 
-def ours_seconds(nbytes: int, servers: int, repeats: int) -> float:
+def ours_seconds(nbytes: int, servers: int, repeats: int, unix: bool = False) -> float:
+    """Push + pull of `nbytes` of weights, over loopback TCP or (`unix`) the servers' Unix sockets."""
     weights = torch.nn.Parameter(torch.zeros(nbytes // 4))
-    with server_processes(servers) as (addresses, _), PSClient(addresses, 0, 1, ClientConfig(timeout=120)) as client:
+    config = ClientConfig(timeout=120, data_socket=unix)
+    with server_processes(servers) as (addresses, _), PSClient(addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)],
                                    mode="asp")  # fmt: skip
         weights.grad = torch.ones_like(weights)
@@ -171,10 +193,12 @@ def _row(name: str, nbytes: int, ours: float, baseline: float, target: float = T
 
 def _all_seconds(nbytes: int, repeats: int, rounds: int) -> dict[str, float]:
     return interleaved({
-        "raw": lambda: raw_tcp_seconds(nbytes, repeats),
+        "raw": lambda: raw_echo_seconds(nbytes, repeats),
+        "raw unix": lambda: raw_echo_seconds(nbytes, repeats, unix=True),
         "bare": lambda: bare_grpc_seconds(nbytes, repeats),
         "aio": lambda: bare_grpc_seconds(nbytes, repeats, use_aio=True),
         **{f"{s} server(s)": partial(ours_seconds, nbytes, s, repeats) for s in (1, 2)},
+        "unix": partial(ours_seconds, nbytes, 1, repeats, unix=True),
     }, rounds)  # fmt: skip
 
 
@@ -195,4 +219,7 @@ def run(quick: bool) -> list[Row]:
             ours = seconds[f"{servers} server(s)"]
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo", nbytes, ours, raw))
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs bare gRPC", nbytes, ours, bare))
+        unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket (the servers' host)"
+        rows.append(_row(f"{unix} vs raw Unix socket echo", nbytes, seconds["unix"], seconds["raw unix"]))
+        rows.append(_row(f"{unix} vs loopback TCP", nbytes, seconds["unix"], seconds["1 server(s)"], target=1.0))
     return rows

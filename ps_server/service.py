@@ -98,6 +98,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self.config = config
         self.checkpointer = checkpointer
         self.data_port = 0  # announced in Hello once the data channel is up
+        self.data_socket = ""  # likewise
 
     def reject(self, error: PSError, context: grpc.ServicerContext) -> None:
         """Count the refusal by status and end the call with it."""
@@ -110,7 +111,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         job, clock = self.shard.hello(request.worker_id, request.num_workers)
         return pb.HelloResponse(
             protocol_version=PROTOCOL_VERSION, initialized=job is not None, job=job, clock=clock,
-            data_port=self.data_port,
+            data_port=self.data_port, data_socket=self.data_socket,
         )  # fmt: skip
 
     @_status_errors
@@ -308,6 +309,7 @@ def start_server(config: ServerConfig) -> RunningServer:
     log.info(
         "parameter server listening on %s%s%s", address,
         f", data channel on :{data_server.port}" if data_server else "",
+        f" and on Unix socket @{data_server.socket_name}" if data_server and data_server.socket_name else "",
         f", metrics on :{metrics_port}" if metrics_port else "",
     )  # fmt: skip
     return RunningServer(
@@ -317,7 +319,7 @@ def start_server(config: ServerConfig) -> RunningServer:
 
 
 def _start_data_channel(service: ParameterService, config: ServerConfig) -> DataServer | None:
-    """The TCP data channel for Push and Pull (TLS as gRPC's), unless turned off."""
+    """The data channel for Init, Push and Pull (TLS as gRPC's), unless turned off."""
     if not config.data_channel:
         return None
     # A worker holds one or two connections per server, idle between calls:
@@ -326,5 +328,5 @@ def _start_data_channel(service: ParameterService, config: ServerConfig) -> Data
         service, config.host, config.data_port, config.auth_token, 16 * config.threads, tls_context(config)
     )
     data_server.start()
-    service.data_port = data_server.port
+    service.data_port, service.data_socket = data_server.port, data_server.socket_name
     return data_server

@@ -70,6 +70,11 @@ class ClientConfig:
     data_channel: bool = setting(
         True, "init, push and pull over the servers' data channel (a TCP port beside gRPC) where offered"
     )
+    data_socket: bool = setting(
+        True,
+        "reach the data channel of a server on this host (in this network namespace) through its Unix socket, "
+        "which costs less CPU than loopback TCP",
+    )
 
     def channel(self, address: str) -> grpc.Channel:
         return open_channel(address, self.auth_token, self.tls_ca, self.tls_cert, self.tls_key)
@@ -482,7 +487,7 @@ class PSClient:
         """The server's stub: init, push and pull on its data channel if it has one."""
         host = _host_of(address) if self.config.data_channel else None
         tls = tls_context(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
-        return ServerStub(channel, host, self._hello_request(), self.config.auth_token, tls)
+        return ServerStub(channel, host, self._hello_request(), self.config.auth_token, tls, self.config.data_socket)
 
     def _group_options(self) -> list[pb.ParamGroup]:
         """The optimizer's current hyperparameters, only those torch declares as defaults

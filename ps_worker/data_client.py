@@ -2,8 +2,9 @@
 
 `ServerStub` is what PSClient calls a server through: Hello, Stats and
 Checkpoint on gRPC; init, push and pull on the server's data channel when
-it offers one (its Hello says on which port), else on gRPC. Both transports
-raise grpc.RpcError with a status, so callers cannot tell them apart.
+it offers one (its Hello says on which port, and under which Unix socket
+name for workers on its host), else on gRPC. Both transports raise
+grpc.RpcError with a status, so callers cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class ServerStub:
     """One server's methods. With `host` None (turned off, or a gRPC target
     that is not host:port) push and pull take gRPC; otherwise they take the
     data channel on `host` (with `tls`, as gRPC does) whenever the server's
-    Hello (sent with `hello`) announces one."""
+    Hello (sent with `hello`) announces one; with `local`, through the
+    server's Unix socket where this process can reach it (the same host)."""
 
     def __init__(
         self,
@@ -83,6 +85,7 @@ class ServerStub:
         hello: pb.HelloRequest,
         auth_token: str | None,
         tls: ssl.SSLContext | None = None,
+        local: bool = True,
     ) -> None:
         self._grpc = wire.Stub(channel)
         self.Hello = self._grpc.Hello
@@ -92,6 +95,8 @@ class ServerStub:
         self._host = host
         self._tls = tls
         self._port = _UNRESOLVED
+        self._local = local
+        self._socket_name = ""  # the server's abstract Unix socket, while worth trying
         self._token = auth_token or ""
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
@@ -139,7 +144,8 @@ class ServerStub:
             return False
         if self._port == _UNRESOLVED:
             # A gRPC error here is the caller's, as for any call.
-            self._port = self.Hello(self._hello, timeout=_HELLO_TIMEOUT).data_port
+            answer = self.Hello(self._hello, timeout=_HELLO_TIMEOUT)
+            self._port, self._socket_name = answer.data_port, answer.data_socket if self._local else ""
         return self._port != 0
 
     def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush) -> pb.PushResponse:
@@ -220,18 +226,7 @@ class ServerStub:
         with self._lock:
             connection = self._idle.pop() if self._idle else None
         if connection is None:
-            assert self._host is not None
-            try:
-                sock = socket.create_connection((self._host, self._port), timeout=min(timeout, 10.0))
-            except OSError as exc:
-                where = f"{self._host}:{self._port}"
-                self._port = _UNRESOLVED  # a restarted server may listen elsewhere: ask again next time
-                raise ChannelError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"cannot reach the data channel at {where}: {exc} (open that port, fix it on the servers "
-                    "with --data-port, or run workers with --no-data-channel)",
-                ) from None
-            data_channel.tune(sock)
+            sock = self._connect_locally(timeout) or self._connect(timeout)
             if self._tls is not None:
                 try:
                     sock = self._tls.wrap_socket(sock, server_hostname=self._host)
@@ -243,3 +238,37 @@ class ServerStub:
             connection = _Connection(sock)
         connection.sock.settimeout(timeout)
         return connection
+
+    def _connect_locally(self, timeout: float) -> socket.socket | None:
+        """A connection to the server's Unix socket; None where it cannot be
+        reached: another host (another network namespace has its own
+        abstract names), or the server restarted under a new name."""
+        name = self._socket_name
+        if not name:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(min(timeout, 10.0))
+        try:
+            sock.connect("\0" + name)
+        except OSError:
+            sock.close()
+            self._socket_name = ""  # TCP, until a Hello (after a failed call) names a socket again
+            return None
+        data_channel.tune(sock)
+        return sock
+
+    def _connect(self, timeout: float) -> socket.socket:
+        """A TCP connection to the server's data port."""
+        assert self._host is not None
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=min(timeout, 10.0))
+        except OSError as exc:
+            where = f"{self._host}:{self._port}"
+            self._port = _UNRESOLVED  # a restarted server may listen elsewhere: ask again next time
+            raise ChannelError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot reach the data channel at {where}: {exc} (open that port, fix it on the servers "
+                "with --data-port, or run workers with --no-data-channel)",
+            ) from None
+        data_channel.tune(sock)
+        return sock

@@ -33,10 +33,12 @@ def forkserver_first() -> Iterator[None]:
 
 def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
     measured = [
-        wire.raw_tcp_seconds(SMALL, repeats=1),
+        wire.raw_echo_seconds(SMALL, repeats=1),
+        wire.raw_echo_seconds(SMALL, repeats=1, unix=True),
         wire.bare_grpc_seconds(SMALL, repeats=1),
         wire.bare_grpc_seconds(SMALL, repeats=1, use_aio=True),
         wire.ours_seconds(SMALL, servers=2, repeats=1),
+        wire.ours_seconds(SMALL, servers=1, repeats=1, unix=True),
     ]
     assert all(seconds > 0 for seconds in measured)
     row = wire._row("half the baseline's time", SMALL, ours=0.5, baseline=1.0)

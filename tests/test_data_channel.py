@@ -1,6 +1,7 @@
-"""The data channel (Push and Pull on plain TCP beside gRPC): the same
-answers and the same weights as gRPC, clear statuses for hostile frames,
-and nothing applied from a push that does not end."""
+"""The data channel (Push and Pull on plain TCP beside gRPC, and on a Unix
+socket for workers on the server's host): the same answers and the same
+weights as gRPC, clear statuses for hostile frames, and nothing applied
+from a push that does not end."""
 
 from __future__ import annotations
 
@@ -77,19 +78,26 @@ def _weights(config: ClientConfig) -> list[torch.Tensor]:
 
 
 def test_data_channel_and_grpc_train_the_same_weights() -> None:
-    over_data = _weights(SPLITTING)
+    over_unix_socket = _weights(SPLITTING)
+    over_tcp = _weights(dataclasses.replace(SPLITTING, data_socket=False))
     over_grpc = _weights(dataclasses.replace(SPLITTING, data_channel=False))
-    assert all(torch.equal(a, b) for a, b in zip(over_data, over_grpc, strict=True))
-    assert not torch.equal(over_data[0], small_model()[0].weight)  # it did train
+    for other in (over_tcp, over_grpc):
+        assert all(torch.equal(a, b) for a, b in zip(over_unix_socket, other, strict=True))
+    assert not torch.equal(over_unix_socket[0], small_model()[0].weight)  # it did train
 
 
-def test_pushes_and_pulls_take_the_data_channel_when_offered() -> None:
+@pytest.mark.parametrize("data_socket", [True, False])
+def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) -> None:
+    """On the server's host, through its Unix socket unless turned off."""
     model = small_model()
+    config = dataclasses.replace(ClientConfig(), data_socket=data_socket)
     with InProcessCluster(num_servers=1) as cluster:
-        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4),
+                          config=config)  # fmt: skip
         data_server, pushes = cluster.servers[0].data_server, cluster.servers[0].shard.counters["pushes"]
         assert pushes >= 3  # each step's push, in one request or more
         assert data_server is not None and data_server.calls == 1 + 1 + pushes + 3  # Init, first pull, pushes, pulls
+        assert data_server.local_calls == (data_server.calls if data_socket else 0)
     with InProcessCluster(num_servers=1, config=ServerConfig(data_channel=False)) as cluster:
         assert cluster.servers[0].data_server is None
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
@@ -187,6 +195,19 @@ def test_a_restarted_server_on_a_new_data_port_is_found_again() -> None:
                 opt.step()
     finally:
         first.stop(grace=0)
+
+
+def test_a_unix_socket_out_of_reach_leaves_the_worker_on_tcp() -> None:
+    """A server's socket name that cannot be connected to (a worker on
+    another host, in another network namespace, sees none of its names):
+    the worker uses the TCP port, without an error."""
+    with InProcessCluster(num_servers=1) as cluster:
+        running = cluster.servers[0]
+        running.service.data_socket = "ps-data-of-a-server-on-another-host"
+        model = small_model()
+        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4))
+        assert running.data_server is not None
+        assert running.data_server.calls > 0 and running.data_server.local_calls == 0
 
 
 @FUZZ

@@ -175,18 +175,20 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., worker_id: _Optional[int] = ..., num_workers: _Optional[int] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("protocol_version", "initialized", "job", "clock", "data_port")
+    __slots__ = ("protocol_version", "initialized", "job", "clock", "data_port", "data_socket")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INITIALIZED_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_SOCKET_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     initialized: bool
     job: JobSpec
     clock: int
     data_port: int
-    def __init__(self, protocol_version: _Optional[int] = ..., initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
+    data_socket: str
+    def __init__(self, protocol_version: _Optional[int] = ..., initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ..., data_socket: _Optional[str] = ...) -> None: ...
 
 class InitHeader(_message.Message):
     __slots__ = ("protocol_version", "worker_id", "job")
