@@ -307,7 +307,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"{config.host}:{port}"
     log.info(
-        "parameter server listening on %s%s%s", address,
+        "parameter server listening on %s%s%s%s", address,
         f", data channel on :{data_server.port}" if data_server else "",
         f" and on Unix socket @{data_server.socket_name}" if data_server and data_server.socket_name else "",
         f", metrics on :{metrics_port}" if metrics_port else "",
