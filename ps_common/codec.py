@@ -9,6 +9,7 @@ elements. Hyperparameters travel as typed Values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -385,11 +386,16 @@ def receive(
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf. min and max propagate NaN and show an Inf, in one pass
-    and without a tensor of flags (20x faster than isfinite().all())."""
+    """No NaN or Inf, in one pass and without a tensor of flags (isfinite().all()
+    took 20x longer). A sum is finite only if every element is (NaN and Inf
+    propagate through it), and takes half the time of min and max together
+    (fp32, 4 MiB, one core: 185 against 331 us); only a sum that overflowed
+    from finite elements needs min and max, which propagate NaN and show an Inf."""
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
     if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if math.isfinite(tensor.sum().item()):
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -257,3 +258,13 @@ def test_nan_and_inf_are_detected_in_every_floating_dtype(dtype: torch.dtype) ->
         tensor = torch.ones(10, dtype=dtype)
         tensor[3] = bad
         assert not codec.all_finite(tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_finite_values_whose_sum_overflows_are_finite(dtype: torch.dtype) -> None:
+    largest = torch.finfo(dtype).max
+    tensor = torch.full((4,), largest, dtype=dtype)
+    assert not math.isfinite(tensor.sum().item())  # the fast check alone would refuse it
+    assert codec.all_finite(tensor)
+    tensor[2] = -float("inf")
+    assert not codec.all_finite(tensor)
