@@ -88,11 +88,15 @@ class Chunk:
     sparse: bool = False
     indices: bytes | memoryview = b""
     length: int = 0
+    # (offset, size): the data lies in the server's shared weights (see
+    # TensorChunk.shared); the client that maps them puts a view in `data`.
+    shared: tuple[int, int] | None = None
 
     def to_proto(self) -> pb.TensorChunk:
+        shared = None if self.shared is None else pb.SharedRange(offset=self.shared[0], size=self.shared[1])
         return pb.TensorChunk(
             key=self.key, dtype=self.dtype, shape=self.shape, offset=self.offset, data=bytes(self.data),
-            absent=self.absent, sparse=self.sparse, indices=bytes(self.indices), length=self.length,
+            absent=self.absent, sparse=self.sparse, indices=bytes(self.indices), length=self.length, shared=shared,
         )  # fmt: skip
 
 

@@ -15,11 +15,12 @@ chunking serves both transports.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import ssl
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -83,15 +84,22 @@ def tune(sock: socket.socket) -> None:
 _KEEPALIVE_IDLE, _KEEPALIVE_INTERVAL, _KEEPALIVE_PROBES = 60, 10, 6
 
 
-def write(sock: socket.socket, header: pb.DataHeader, body: bytes | memoryview | Sequence[Any] = b"") -> None:
+def write(
+    sock: socket.socket, header: pb.DataHeader, body: bytes | memoryview | Sequence[Any] = b"", fds: Sequence[int] = ()
+) -> None:
     """One message: length, header, body. A body given as a list of pieces
     goes out with one gather write per 1024 pieces, without being joined
-    (TLS sockets have no gather write: joined there)."""
+    (TLS sockets have no gather write: joined there). `fds` (a Unix
+    socket's small message only) pass with its first bytes (SCM_RIGHTS)."""
     parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
     header.body_length = sum(len(part) for part in parts)
     head = header.SerializeToString()
     prefix = _LENGTH.pack(len(head)) + head
-    if header.body_length <= _SMALL or isinstance(sock, ssl.SSLSocket):
+    if fds:
+        message = b"".join([prefix, *parts])
+        sent = socket.send_fds(sock, [message], list(fds))
+        sock.sendall(message[sent:])
+    elif header.body_length <= _SMALL or isinstance(sock, ssl.SSLSocket):
         sock.sendall(b"".join([prefix, *parts]))
     else:
         _send_gathered(sock, [prefix, *parts])
@@ -109,6 +117,40 @@ def _send_gathered(sock: socket.socket, parts: list[Any]) -> None:
                 break
             sent -= size
             first += 1
+
+
+def read_with_fds(sock: socket.socket, max_fds: int) -> tuple[pb.DataHeader, bytes, list[int]]:
+    """One small message read straight from a Unix socket (not through a
+    buffered stream, which would drop passed descriptors), with the
+    descriptors that came with it; the caller owns and closes them."""
+    data, fds, _, _ = socket.recv_fds(sock, HEADER_LIMIT + _SMALL, max_fds)
+    stream = cast(io.BufferedIOBase, _Exactly(data, sock))
+    try:
+        header = _read_header(stream, _SMALL)
+        body = _fill(stream, b"", header.body_length)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return header, body, fds
+
+
+class _Exactly:
+    """Bytes already received, then the socket's; `read(n)` gives n bytes
+    (fewer only at the end of the stream), never reading past them."""
+
+    def __init__(self, start: bytes, sock: socket.socket) -> None:
+        self._start = start
+        self._sock = sock
+
+    def read(self, size: int) -> bytes:
+        data, self._start = self._start[:size], self._start[size:]
+        while len(data) < size:
+            more = self._sock.recv(size - len(data))
+            if not more:
+                break
+            data += more
+        return data
 
 
 class Receiver:

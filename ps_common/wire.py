@@ -76,9 +76,10 @@ def _length_delimited(number: int, size: int) -> bytes:
 
 
 def _chunk_parts(chunk: Chunk) -> list[Any]:
+    shared = None if chunk.shared is None else pb.SharedRange(offset=chunk.shared[0], size=chunk.shared[1])
     meta = pb.TensorChunk(
         key=chunk.key, dtype=chunk.dtype, shape=chunk.shape, offset=chunk.offset, absent=chunk.absent,
-        sparse=chunk.sparse, length=chunk.length,
+        sparse=chunk.sparse, length=chunk.length, shared=shared,
     ).SerializeToString()  # fmt: skip
     parts: list[Any] = [meta]
     for number, payload in ((_DATA, chunk.data), (_INDICES, chunk.indices)):
@@ -258,6 +259,7 @@ def _read_chunk(body: _Body, size: int) -> Chunk:
         key=parsed.key, dtype=parsed.dtype, shape=list(parsed.shape), offset=parsed.offset,
         data=bulk.get(_DATA, b""), absent=parsed.absent, sparse=parsed.sparse,
         indices=bulk.get(_INDICES, b""), length=parsed.length,
+        shared=(parsed.shared.offset, parsed.shared.size) if parsed.HasField("shared") else None,
     )  # fmt: skip
 
 

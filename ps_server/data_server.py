@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import io
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -226,9 +227,11 @@ class DataServer:
             elif header.method == "Pull":
                 body = bytes(receiver.read_body(header))
                 request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(body))  # Malformed: refused
-                for message in self._service.pull_parts(request, context):
+                for message in self._service.pull_parts(request, context, shares=_shares(sock)):
                     data_channel.write(sock, pb.DataHeader(), message)
                 data_channel.write(sock, pb.DataHeader(last=True))
+            elif header.method == "Share":
+                self._share(sock)
             else:
                 raise ChannelError(grpc.StatusCode.UNIMPLEMENTED, f"no method {header.method!r} on the data channel")
         except _Aborted as exc:
@@ -259,6 +262,25 @@ class DataServer:
             if header.last:
                 return
             header = receiver.read_header()
+
+    def _share(self, sock: socket.socket) -> None:
+        """Answer with the size of the shard's shared weights, passing a
+        read-only descriptor of them (ps_server.shared_weights)."""
+        shared = self._service.shard.shared
+        if not _shares(sock) or shared is None:
+            raise ChannelError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server shares its weights only after Init, on Linux, through its Unix socket without TLS",
+            )
+        try:
+            fd = shared.readonly_fd()
+        except OSError as exc:  # closed: the server is stopping
+            raise ChannelError(grpc.StatusCode.UNAVAILABLE, f"shared weights unavailable: {exc}") from None
+        try:
+            response = pb.ShareResponse(size=shared.size).SerializeToString()
+            data_channel.write(sock, pb.DataHeader(last=True), response, fds=[fd])
+        finally:
+            os.close(fd)
 
     def _authenticate(self, header: pb.DataHeader) -> None:
         if self._token is not None and not hmac.compare_digest(header.auth_token.encode(), self._token):
@@ -298,6 +320,13 @@ def _local_listener() -> tuple[socket.socket | None, str]:
     listener.bind("\0" + name)
     listener.listen(128)
     return listener, name
+
+
+def _shares(sock: socket.socket) -> bool:
+    """Whether the weights may be shared with this connection's client: on
+    the Unix socket (the same host), where descriptors can pass, and not
+    under TLS, whose client asked for every byte to be protected in transit."""
+    return sock.family == socket.AF_UNIX and not isinstance(sock, ssl.SSLSocket)
 
 
 def _peer(sock: socket.socket) -> str:

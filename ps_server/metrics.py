@@ -52,6 +52,7 @@ class _ShardCollector(Collector):
             ("ps_updates", "Optimizer updates applied (one per push request)", "updates"),
             ("ps_received_bytes", "Gradient bytes received", "bytes_in"),
             ("ps_sent_bytes", "Weight bytes sent", "bytes_out"),
+            ("ps_shared_bytes", "Weight bytes workers on this host read from shared memory instead", "bytes_shared"),
             ("ps_duplicate_keys", "Pushed keys ignored as retries of an applied push", "duplicate_keys"),
         ):
             yield CounterMetricFamily(name, help_text, value=counters.get(counter, 0))

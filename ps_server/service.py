@@ -7,7 +7,7 @@ import functools
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ from ps_server.data_server import DataServer
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import warm_up
 from ps_server.security import TokenInterceptor, credentials, tls_context
-from ps_server.shard import Shard
+from ps_server.shard import PulledKey, Shard
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,16 @@ def _status_errors(method: F) -> F:
     and a request that did not parse with INVALID_ARGUMENT."""
 
     @functools.wraps(method)
-    def unary(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+    def unary(self: ParameterService, request: Any, context: grpc.ServicerContext, **options: Any) -> Any:
         try:
-            return method(self, _parsed(request), context)
+            return method(self, _parsed(request), context, **options)
         except PSError as exc:
             self.reject(exc, context)
 
     @functools.wraps(method)
-    def streaming(self: ParameterService, request: Any, context: grpc.ServicerContext) -> Any:
+    def streaming(self: ParameterService, request: Any, context: grpc.ServicerContext, **options: Any) -> Any:
         try:
-            yield from method(self, _parsed(request), context)
+            yield from method(self, _parsed(request), context, **options)
         except PSError as exc:
             self.reject(exc, context)
 
@@ -148,10 +148,14 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             yield b"".join(parts)
 
     @_status_errors
-    def pull_parts(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[list[Any]]:
+    def pull_parts(
+        self, request: pb.PullRequest, context: grpc.ServicerContext, shares: bool = False
+    ) -> Iterator[list[Any]]:
         """Pull's answer for a transport that writes each message from its
-        pieces without joining them (the data channel's gather write)."""
-        yield from self._pull(request, context, self.config.chunk_bytes)
+        pieces without joining them (the data channel's gather write).
+        `shares`: the transport is one on which the server shares its
+        weights (the Unix socket), so `request.shared` is honoured."""
+        yield from self._pull(request, context, self.config.chunk_bytes, shared=shares and request.shared)
 
     @_status_errors
     def PullOne(self, request: pb.PullRequest, context: grpc.ServicerContext) -> bytes:
@@ -165,13 +169,20 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         return messages[0] if messages else b""
 
     def _pull(
-        self, request: pb.PullRequest, context: grpc.ServicerContext, chunk_bytes: int, together: bool = False
+        self,
+        request: pb.PullRequest,
+        context: grpc.ServicerContext,
+        chunk_bytes: int,
+        together: bool = False,
+        shared: bool = False,
     ) -> Iterator[list[Any]]:
         """The serialized PullResponses answering `request` (at most `chunk_bytes`
         of tensor data each), as its keys become readable (`together`: once
         all are, in as few messages as fit); each as its pieces, which are
         views of the live weights where those hold still (BSP), and valid
-        until the next message is asked for or the answer is closed."""
+        until the next message is asked for or the answer is closed.
+        `shared`: the client maps the shard's shared weights; where they hold
+        still, keys are answered with their place in them instead of bytes."""
         limits = [self.config.max_wait]
         if request.wait_seconds > 0:
             limits.append(request.wait_seconds)
@@ -185,7 +196,8 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
             )
         cast_to = _PULL_DTYPES[request.dtype]
         hold_still = self.shard.values_hold_still()
-        sent = 0
+        shared = shared and hold_still
+        sent = shared_bytes = 0
         # Keys go out in the batches the shard makes them readable (BSP: as
         # their steps complete), each batch in messages of its own, so that
         # no message waits for a key that is not ready.
@@ -195,11 +207,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if together:
             readable = iter([[item for ready in readable for item in ready]])
         for ready in readable:
-            chunks = (
-                chunk
-                for item in ready
-                for chunk in codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
-            )
+            chunks = (chunk for item in ready for chunk in self._chunks_of(item, chunk_bytes, cast_to, shared))
             batches = codec.batched(chunks, chunk_bytes)
             while True:
                 # Chunks are views of the live weights. Where an update may come
@@ -215,12 +223,25 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
                         copy = self.shard.buffers.joined(parts)
                         parts = [copy.numpy()]
                 sent += sum(len(c.data) + len(c.indices) for c in batch)
+                shared_bytes += sum(c.shared[1] for c in batch if c.shared is not None)
                 try:
                     yield parts
                 finally:
                     if copy is not None:
                         self.shard.buffers.give([copy])
         self.shard.count("bytes_out", sent)
+        self.shard.count("bytes_shared", shared_bytes)
+
+    def _chunks_of(
+        self, item: PulledKey, chunk_bytes: int, cast_to: torch.dtype | None, shared: bool
+    ) -> Iterable[codec.Chunk]:
+        """A pulled key's chunks: its place in the shared weights where the
+        client may read them there (as stored, no cast), else its bytes."""
+        where = self.shard.shared.range_of(item.value) if shared and self.shard.shared is not None else None
+        if where is None or codec.wire_dtype(item.value.dtype, cast_to) != item.value.dtype:
+            return codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
+        dtype = codec.dtype_to_proto(item.value.dtype)
+        return [codec.Chunk(key=item.key, dtype=dtype, shape=list(item.value.shape), shared=where)]
 
     @_status_errors
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:

@@ -27,6 +27,7 @@ from ps_common.proto import ps_pb2 as pb
 from ps_server.buffers import BufferPool
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
+from ps_server.shared_weights import SharedWeights
 from ps_server.storage import ShardState
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ class Shard:
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
         self.buffers = BufferPool()  # pushed gradients, their fp32 casts, ASP pull copies (service.py)
+        self.shared: SharedWeights | None = None  # where the weights live, on Linux
 
     # -- handshake and initialization ------------------------------------------------
 
@@ -158,6 +160,7 @@ class Shard:
                     f"({_describe_difference(self.job, job)}); restart the servers to start a new job"
                 )
             slots = {k.key: Slot(spec=k, value=values[k.key]) for k in job.keys}
+            self._share(slots)
             optimizer = self._build_optimizer(job, slots)
             self.job, self.slots, self._optimizer = job, slots, optimizer
             self._started = time.monotonic()
@@ -171,6 +174,18 @@ class Shard:
             )
             self._cond.notify_all()
             return False
+
+    def _share(self, slots: dict[str, Slot]) -> None:
+        """Move the weights into shared memory (ps_server.shared_weights), before
+        the optimizer is built on them."""
+        if not SharedWeights.supported():
+            return
+        shared = SharedWeights([slot.value for slot in slots.values()])
+        for slot, view in zip(slots.values(), shared.views, strict=True):
+            slot.value = view
+        if self.shared is not None:
+            self.shared.close()
+        self.shared = shared
 
     def _build_optimizer(self, job: pb.JobSpec, slots: dict[str, Slot]) -> ShardOptimizer:
         values = [s.value for s in slots.values()]
@@ -601,6 +616,7 @@ class Shard:
                 mask=state.tensors.get(f"mask/{spec.key}"),
                 restored=True,
             )
+        self._share(slots)
         optimizer = self._build_optimizer(job, slots)
         prefix = "optimizer/"
         optimizer.load_state_parts(
@@ -639,6 +655,8 @@ class Shard:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            if self.shared is not None:
+                self.shared.close()
 
     def _require_job(self) -> tuple[pb.JobSpec, ShardOptimizer]:
         if self.job is None or self._optimizer is None:

@@ -75,6 +75,11 @@ class ClientConfig:
         "reach the data channel of a server on this host (in this network namespace) through its Unix socket, "
         "which costs less CPU than loopback TCP",
     )
+    shared_weights: bool = setting(
+        True,
+        "BSP, through a server's Unix socket without TLS: read pulled weights straight from the server's memory, "
+        "which it shares read-only, instead of having them sent",
+    )
 
     def channel(self, address: str) -> grpc.Channel:
         return open_channel(address, self.auth_token, self.tls_ca, self.tls_cert, self.tls_key)
@@ -487,7 +492,10 @@ class PSClient:
         """The server's stub: init, push and pull on its data channel if it has one."""
         host = _host_of(address) if self.config.data_channel else None
         tls = tls_context(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
-        return ServerStub(channel, host, self._hello_request(), self.config.auth_token, tls, self.config.data_socket)
+        return ServerStub(
+            channel, host, self._hello_request(), self.config.auth_token, tls, self.config.data_socket,
+            self.config.shared_weights,
+        )  # fmt: skip
 
     def _group_options(self) -> list[pb.ParamGroup]:
         """The optimizer's current hyperparameters, only those torch declares as defaults

@@ -10,6 +10,9 @@ grpc.RpcError with a status, so callers cannot tell them apart.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import mmap
+import os
 import socket
 import ssl
 import threading
@@ -20,8 +23,9 @@ from typing import Any, Protocol
 
 import grpc
 
-from ps_common import data_channel, wire
+from ps_common import codec, data_channel, wire
 from ps_common.data_channel import ChannelError
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
 _UNRESOLVED = -1
@@ -34,6 +38,17 @@ class PushCall(Protocol):
     def result(self, timeout: float | None = None) -> Any: ...
     def done(self) -> bool: ...
     def cancel(self) -> bool: ...
+
+
+def _resolved(chunks: Iterable[codec.Chunk], shared: memoryview) -> Iterator[codec.Chunk]:
+    """Chunks whose data lies in the server's shared weights, with a view of it as their data."""
+    for chunk in chunks:
+        if chunk.shared is not None:
+            offset, size = chunk.shared
+            if offset + size > len(shared):
+                raise InvalidArgument(f"server sent key {chunk.key!r} at bytes past the end of its shared weights")
+            chunk = dataclasses.replace(chunk, data=shared[offset : offset + size], shared=None)
+        yield chunk
 
 
 class _Connection:
@@ -86,6 +101,7 @@ class ServerStub:
         auth_token: str | None,
         tls: ssl.SSLContext | None = None,
         local: bool = True,
+        shared_weights: bool = True,
     ) -> None:
         self._grpc = wire.Stub(channel)
         self.Hello = self._grpc.Hello
@@ -97,6 +113,9 @@ class ServerStub:
         self._port = _UNRESOLVED
         self._local = local
         self._socket_name = ""  # the server's abstract Unix socket, while worth trying
+        self._wants_shared = shared_weights and tls is None
+        self._shared: tuple[str, memoryview] | None = None  # (socket name, the server's weights mapped)
+        self._share_refused = ""  # the socket name whose server said no
         self._token = auth_token or ""
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
@@ -170,6 +189,11 @@ class ServerStub:
             return bytes(body)
 
     def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
+        shared = self._shared_weights(timeout)
+        if shared is not None:
+            asked, request = request, pb.PullRequest()
+            request.CopyFrom(asked)
+            request.shared = True
         with self._connected(timeout) as connection:
             header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
             self._send(connection, header, request.SerializeToString())
@@ -178,8 +202,45 @@ class ServerStub:
                 if header.last:
                     return
                 message = wire.read_pull_strict(connection.stream, header.body_length)
+                if shared is not None:
+                    message = wire.Frame(message.header, _resolved(message.chunks, shared))
                 yield message
                 wire.read_to_end(message)
+
+    def _shared_weights(self, timeout: float) -> memoryview | None:
+        """The server's weights, mapped read-only on first use (the "Share" call
+        on a connection of its own, ps_server.shared_weights); None where it
+        does not share them: another host, TLS, or a server that said no."""
+        name = self._socket_name
+        if not self._wants_shared or not name or name == self._share_refused:
+            return None
+        if self._shared is not None and self._shared[0] == name:
+            return self._shared[1]
+        sock = self._connect_locally(timeout)
+        if sock is None:
+            return None
+        connection = _Connection(sock)
+        try:
+            header = pb.DataHeader(method="Share", last=True, auth_token=self._token, timeout=timeout)
+            data_channel.write(sock, header)
+            answer, body, fds = data_channel.read_with_fds(sock, max_fds=1)
+        except OSError:  # data_channel.Closed included: the pull that follows reports the trouble
+            connection.close()
+            return None
+        if answer.code != 0 or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            connection.close()
+            self._share_refused = name  # an older server, or not yet initialized: bytes, as before
+            return None
+        try:
+            memory = memoryview(mmap.mmap(fds[0], pb.ShareResponse.FromString(body).size, prot=mmap.PROT_READ))
+        finally:
+            os.close(fds[0])
+        with self._lock:
+            self._shared = (name, memory)
+            self._idle.append(connection)
+        return memory
 
     def _send(self, connection: _Connection, header: pb.DataHeader, body: bytes | list[Any] = b"") -> None:
         try:

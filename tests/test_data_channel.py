@@ -6,6 +6,7 @@ from a push that does not end."""
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import socket
 import struct
@@ -20,11 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ps_common import codec, data_channel
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_server.service import RunningServer, start_server
-from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from ps_server.shared_weights import SharedWeights
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient, data_client
 from tests.raw_data_channel import data_call, data_pull
 from tests.test_bad_input import _assert_same, _snapshot
 from tests.training import SPLITTING, batches, loss_of, small_model, train_distributed
@@ -78,29 +81,103 @@ def _weights(config: ClientConfig) -> list[torch.Tensor]:
 
 
 def test_data_channel_and_grpc_train_the_same_weights() -> None:
-    over_unix_socket = _weights(SPLITTING)
+    over_unix_socket = _weights(SPLITTING)  # BSP pulls read from the shared weights
+    sent_over_unix_socket = _weights(dataclasses.replace(SPLITTING, shared_weights=False))
     over_tcp = _weights(dataclasses.replace(SPLITTING, data_socket=False))
     over_grpc = _weights(dataclasses.replace(SPLITTING, data_channel=False))
-    for other in (over_tcp, over_grpc):
+    for other in (sent_over_unix_socket, over_tcp, over_grpc):
         assert all(torch.equal(a, b) for a, b in zip(over_unix_socket, other, strict=True))
     assert not torch.equal(over_unix_socket[0], small_model()[0].weight)  # it did train
 
 
 @pytest.mark.parametrize("data_socket", [True, False])
 def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) -> None:
-    """On the server's host, through its Unix socket unless turned off."""
+    """On the server's host, through its Unix socket unless turned off; there,
+    BSP pulls read the shared weights."""
     model = small_model()
     config = dataclasses.replace(ClientConfig(), data_socket=data_socket)
     with InProcessCluster(num_servers=1) as cluster:
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4),
                           config=config)  # fmt: skip
-        data_server, pushes = cluster.servers[0].data_server, cluster.servers[0].shard.counters["pushes"]
+        shard = cluster.servers[0].shard
+        data_server, pushes = cluster.servers[0].data_server, shard.counters["pushes"]
         assert pushes >= 3  # each step's push, in one request or more
-        assert data_server is not None and data_server.calls == 1 + 1 + pushes + 3  # Init, first pull, pushes, pulls
+        shares = 1 if data_socket else 0
+        # Init, first pull, pushes, pulls, and on the Unix socket the Share before the first pull
+        assert data_server is not None and data_server.calls == 1 + 1 + pushes + 3 + shares
         assert data_server.local_calls == (data_server.calls if data_socket else 0)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        assert shard.counters["bytes_shared"] == (weights * 4 if data_socket else 0)  # 4 pulls, none sent
+        assert shard.counters["bytes_out"] == (0 if data_socket else weights * 4)
     with InProcessCluster(num_servers=1, config=ServerConfig(data_channel=False)) as cluster:
         assert cluster.servers[0].data_server is None
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+
+
+def _share(running: RunningServer, token: str = "") -> tuple[pb.DataHeader, bytes, list[int]]:
+    """A Share call on the server's Unix socket: the answer and the descriptors passed with it."""
+    assert running.data_server is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect("\0" + running.data_server.socket_name)
+        data_channel.write(sock, pb.DataHeader(method="Share", last=True, auth_token=token))
+        return data_channel.read_with_fds(sock, max_fds=1)
+
+
+def test_shared_weights_are_the_weights_and_can_only_be_read(server) -> None:  # type: ignore[no-untyped-def]
+    running, _ = server
+    header, body, fds = _share(running)
+    assert header.code == 0 and len(fds) == 1
+    try:
+        size = pb.ShareResponse.FromString(body).size
+        with pytest.raises(PermissionError):
+            mmap.mmap(fds[0], size)  # for writing too: refused
+        shared = mmap.mmap(fds[0], size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fds[0])
+    shard = running.shard
+    with shard.reading():
+        for slot in shard.slots.values():
+            where = shard.shared.range_of(slot.value)
+            assert where is not None
+            offset, nbytes = where
+            seen = torch.frombuffer(bytearray(shared[offset : offset + nbytes]), dtype=slot.value.dtype)
+            assert torch.equal(seen, slot.value.view(-1))
+
+
+def test_weights_are_shared_only_on_the_unix_socket_and_only_where_they_hold_still(server) -> None:  # type: ignore[no-untyped-def]
+    running, key = server
+    code, details, _ = data_call(_port(running), "Share", [])
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "Unix socket" in details  # TCP: another host
+    # The module's server runs ASP, where weights change under a reader: bytes, though the client asks.
+    code, _, answers = data_pull(_port(running), pb.PullRequest(worker_id=0, step=0, shared=True))
+    chunks = [chunk for answer in answers for chunk in pb.PullResponse.FromString(answer).chunks]
+    assert code == grpc.StatusCode.OK and chunks and not any(chunk.HasField("shared") for chunk in chunks)
+    assert all(chunk.data for chunk in chunks if chunk.key == key)
+
+
+def test_a_shared_range_outside_the_weights_is_refused() -> None:
+    shared = memoryview(bytes(64))
+    inside = codec.Chunk(key="k", dtype=pb.FLOAT32, shape=[16], shared=(0, 64))
+    (resolved,) = data_client._resolved([inside], shared)
+    assert len(resolved.data) == 64 and resolved.shared is None
+    with pytest.raises(InvalidArgument, match="past the end"):
+        list(data_client._resolved([dataclasses.replace(inside, shared=(8, 64))], shared))
+
+
+def test_shared_weights_hold_a_copy_of_each_tensor_aligned() -> None:
+    tensors = [torch.arange(5, dtype=torch.float32), torch.zeros(0), torch.tensor([True, False]),
+               torch.randn(3, 2, dtype=torch.float64)]  # fmt: skip
+    shared = SharedWeights(tensors)
+    try:
+        for original, view in zip(tensors, shared.views, strict=True):
+            assert torch.equal(original, view) and view.dtype == original.dtype
+            where = shared.range_of(view)
+            if original.numel():  # an empty tensor has no bytes to lie anywhere: pulls send its shape
+                assert where is not None and where[0] % 64 == 0
+        assert shared.range_of(tensors[0]) is None  # the original lies elsewhere
+    finally:
+        shared.close()
 
 
 def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> None:  # type: ignore[no-untyped-def]

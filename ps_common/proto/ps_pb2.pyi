@@ -48,7 +48,7 @@ ASP: Mode
 SSP: Mode
 
 class TensorChunk(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "offset", "data", "absent", "sparse", "indices", "length")
+    __slots__ = ("key", "dtype", "shape", "offset", "data", "absent", "sparse", "indices", "length", "shared")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class TensorChunk(_message.Message):
     SPARSE_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -67,7 +68,16 @@ class TensorChunk(_message.Message):
     sparse: bool
     indices: bytes
     length: int
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., absent: _Optional[bool] = ..., sparse: _Optional[bool] = ..., indices: _Optional[bytes] = ..., length: _Optional[int] = ...) -> None: ...
+    shared: SharedRange
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., absent: _Optional[bool] = ..., sparse: _Optional[bool] = ..., indices: _Optional[bytes] = ..., length: _Optional[int] = ..., shared: _Optional[_Union[SharedRange, _Mapping]] = ...) -> None: ...
+
+class SharedRange(_message.Message):
+    __slots__ = ("offset", "size")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    size: int
+    def __init__(self, offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("number", "integer", "flag", "text", "none", "numbers")
@@ -250,7 +260,7 @@ class PushResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds", "masks", "dtype")
+    __slots__ = ("worker_id", "step", "keys", "wait_for_all_workers", "wait_seconds", "masks", "dtype", "shared")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +268,7 @@ class PullRequest(_message.Message):
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     step: int
     keys: _containers.RepeatedScalarFieldContainer[str]
@@ -265,7 +276,8 @@ class PullRequest(_message.Message):
     wait_seconds: float
     masks: bool
     dtype: DType
-    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    shared: bool
+    def __init__(self, worker_id: _Optional[int] = ..., step: _Optional[int] = ..., keys: _Optional[_Iterable[str]] = ..., wait_for_all_workers: _Optional[bool] = ..., wait_seconds: _Optional[float] = ..., masks: _Optional[bool] = ..., dtype: _Optional[_Union[DType, str]] = ..., shared: _Optional[bool] = ...) -> None: ...
 
 class PullResponse(_message.Message):
     __slots__ = ("chunks",)
@@ -328,6 +340,12 @@ class StatsResponse(_message.Message):
     bytes_in: int
     bytes_out: int
     def __init__(self, initialized: _Optional[bool] = ..., job: _Optional[_Union[JobSpec, _Mapping]] = ..., keys: _Optional[_Iterable[_Union[KeyStats, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., pushes: _Optional[int] = ..., pulls: _Optional[int] = ..., updates: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+
+class ShareResponse(_message.Message):
+    __slots__ = ("size",)
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    def __init__(self, size: _Optional[int] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()
