@@ -256,6 +256,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fp32, pull while pushing": {"client": {"pull_while_pushing": True}},  # off by default on loopback
     # Workers on the servers' host reach them through a Unix socket by default; here, as from another host, by TCP.
     "fp32 over loopback TCP": {"client": {"data_socket": False}},
+    # On the Unix socket, BSP pulls read the servers' shared weights by default; here they are sent.
+    "fp32, weights sent": {"client": {"shared_weights": False}},
 }
 QUICK_VARIANTS = ["fp32", "fp32 + overlap", "bf16", "bf16 + overlap"]
 
@@ -274,7 +276,7 @@ def run(quick: bool) -> list[Row]:
     ours = {name: seconds[name] for name in variants}
     rows = [
         _step_row(f"training step, {size}, 1 server, {variant} vs DDP over gloo", ours[variant], ddp,
-                  DDP_TARGET if variant in ("fp32", "fp32 over loopback TCP") else COMPRESSED_TARGET)
+                  DDP_TARGET if variant.startswith("fp32") else COMPRESSED_TARGET)
         for variant in ours
         if "pull" not in variant
     ]  # fmt: skip
@@ -283,6 +285,9 @@ def run(quick: bool) -> list[Row]:
     if "fp32 over loopback TCP" in ours:
         tcp = ours["fp32 over loopback TCP"]
         rows.append(_step_row(f"{step}: Unix socket vs loopback TCP (fp32)", ours["fp32"], tcp, 1.0))
+    if "fp32, weights sent" in ours:
+        sent = ours["fp32, weights sent"]
+        rows.append(_step_row(f"{step}: shared weights vs sent (fp32, Unix socket)", ours["fp32"], sent, 1.0))
     if "fp32, pull while pushing" in ours:
         rows.append(_step_row(f"{step}: pull while pushing on vs off (fp32)", ours["fp32, pull while pushing"],
                               ours["fp32"], 1.0))  # fmt: skip

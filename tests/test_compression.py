@@ -164,12 +164,16 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(dat
         for job in jobs:
             job.result(timeout=120)
         pulled = sum(server.shard.counters["bytes_out"] for server in cluster.servers)
+        shared = sum(server.shard.counters["bytes_shared"] for server in cluster.servers)
     for replica in replicas:  # the final model, read at full precision
         assert max_difference(master, replica) == 0
     assert max_difference(full_precision, replicas[0]) > 1e-4  # the rounding is not lost in the noise
     weights = sum(p.numel() for p in master.parameters())
-    # Each worker's pulls: the first and one a step in bf16, the final model in fp32.
-    assert pulled == 2 * ((len(data) + 1) * weights * 2 + weights * 4)
+    # Each worker's pulls: the first and one a step in bf16, the final model in fp32 (on the
+    # data channel's Unix socket, read from the server's shared weights rather than sent).
+    final = weights * 4
+    assert pulled == 2 * ((len(data) + 1) * weights * 2 + (0 if data_channel else final))
+    assert shared == (2 * final if data_channel else 0)
 
 
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk"])

@@ -60,12 +60,17 @@ def test_server_processes_train_and_stop_cleanly_on_sigterm(tmp_path: Path) -> N
     assert "shutting down" in (tmp_path / "s0.log").read_text()
 
 
-def _ps_train(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+# Pulls as they would cross a network: on the servers' host, BSP pulls would
+# read the shared weights and send (and count) no bytes.
+WEIGHTS_SENT = {"PS_SHARED_WEIGHTS": "false"}
+
+
+def _ps_train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
         [sys.executable, "-m", "ps_worker.launch", "--servers", "2", "--workers", "4",
          "--summary-json", str(summary_path), "--no-progress", *args],
-        capture_output=True, text=True, timeout=150,
+        capture_output=True, text=True, timeout=150, env={**os.environ, **(env or {})},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(summary_path.read_text()), result.stdout
@@ -73,7 +78,7 @@ def _ps_train(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
 
 @pytest.fixture(scope="module")
 def dense_bsp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _ps_train(tmp_path_factory.mktemp("dense"), "--mode", "bsp")[0]
+    return _ps_train(tmp_path_factory.mktemp("dense"), "--mode", "bsp", env=WEIGHTS_SENT)[0]
 
 
 def test_ps_train_bsp_reaches_97_percent_on_digits(dense_bsp: dict[str, Any]) -> None:
@@ -92,7 +97,9 @@ def test_ps_train_asp_reaches_97_percent_on_digits(tmp_path: Path) -> None:
 
 def test_ps_train_prunes_to_90_percent_within_1_5_points_of_dense(tmp_path: Path, dense_bsp: dict[str, Any]) -> None:
     export = tmp_path / "export"
-    summary, _ = _ps_train(tmp_path, "--mode", "bsp", "--prune-sparsity", "0.9", "--export-dir", str(export))
+    summary, _ = _ps_train(
+        tmp_path, "--mode", "bsp", "--prune-sparsity", "0.9", "--export-dir", str(export), env=WEIGHTS_SENT
+    )
     assert summary["sparsity"] == pytest.approx(0.9, abs=0.005)
     assert summary["test_accuracy"] >= dense_bsp["test_accuracy"] - 0.015
     assert summary["pull_bytes_per_step"] < dense_bsp["pull_bytes_per_step"]

@@ -63,6 +63,9 @@ def test_server_metrics_follow_prometheus_conventions() -> None:
     # The pushed gradients' buffers wait in the pool for the next push.
     pooled = re.search(r"^ps_buffer_pool_idle_bytes (\S+)$", metrics, re.MULTILINE)
     assert pooled is not None and float(pooled.group(1)) > 0
+    # The worker runs on the servers' host: its BSP pulls read the shared weights.
+    shared = re.search(r"^ps_shared_bytes_total (\S+)$", metrics, re.MULTILINE)
+    assert shared is not None and float(shared.group(1)) > 0
 
 
 def test_worker_metrics_are_served() -> None:
