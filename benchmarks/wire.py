@@ -4,7 +4,8 @@ same 4 MiB messages), and against bare gRPC Python
 streaming the same bytes between two processes (the transport's own ceiling),
 served from a thread pool as ours is and, for comparison, from grpc.aio.
 Ours goes over loopback TCP against the TCP echo, and over the servers'
-Unix socket (what a worker on their host takes) against a Unix socket echo."""
+Unix socket (what a worker on their host takes, pulling from their shared
+weights) against a Unix socket echo."""
 
 from __future__ import annotations
 
@@ -175,12 +176,13 @@ def bare_grpc_seconds(nbytes: int, repeats: int, use_aio: bool = False) -> float
 
 
 def ours_seconds(nbytes: int, servers: int, repeats: int, unix: bool = False) -> float:
-    """Push + pull of `nbytes` of weights, over loopback TCP or (`unix`) the servers' Unix sockets."""
+    """Push + pull of `nbytes` of weights in BSP (the default mode), over
+    loopback TCP or (`unix`) the servers' Unix sockets, where the pull reads
+    the servers' shared weights."""
     weights = torch.nn.Parameter(torch.zeros(nbytes // 4))
     config = ClientConfig(timeout=120, data_socket=unix)
     with server_processes(servers) as (addresses, _), PSClient(addresses, 0, 1, config) as client:
-        opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)],
-                                   mode="asp")  # fmt: skip
+        opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)])
         weights.grad = torch.ones_like(weights)
         return median_seconds(opt.step, repeats)
 
@@ -219,7 +221,7 @@ def run(quick: bool) -> list[Row]:
             ours = seconds[f"{servers} server(s)"]
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo", nbytes, ours, raw))
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs bare gRPC", nbytes, ours, bare))
-        unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket (the servers' host)"
+        unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket and shared weights (the servers' host)"
         rows.append(_row(f"{unix} vs raw Unix socket echo", nbytes, seconds["unix"], seconds["raw unix"]))
         rows.append(_row(f"{unix} vs loopback TCP", nbytes, seconds["unix"], seconds["1 server(s)"], target=1.0))
     return rows
