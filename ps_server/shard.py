@@ -109,6 +109,7 @@ class Shard:
         self.counters: Counter[str] = Counter()
         self.buffers = BufferPool()  # pushed gradients, their fp32 casts, ASP pull copies (service.py)
         self.shared: SharedWeights | None = None  # where the weights live, on Linux
+        self._receiving: SharedWeights | None = None  # where the latest Init stream writes its values
 
     # -- handshake and initialization ------------------------------------------------
 
@@ -136,12 +137,23 @@ class Shard:
         _validate_job(job)  # before any chunk is taken in
         specs = {k.key: k for k in job.keys}
 
+        # Values are received straight into shared memory where there is some:
+        # a copy afterwards would hold the weights twice, and malloc keeps what
+        # the first copy freed in the receiving thread's arena.
+        views: dict[str, torch.Tensor] = {}
+        if SharedWeights.supported():
+            layout = [(math.prod(k.shape), codec.dtype_from_proto(k.dtype)) for k in job.keys]
+            shared = SharedWeights(layout)
+            views = {k.key: view for k, view in zip(job.keys, shared.views, strict=True)}
+            with self._cond:
+                self._receiving = shared  # init() adopts it if it holds the values
+
         def allocate(chunk: codec.ChunkLike) -> torch.Tensor:
             spec = specs.get(chunk.key)
             if spec is None:
                 raise InvalidArgument(f"Init sends key {chunk.key!r} that its job does not declare")
             _check_matches(spec, chunk)
-            return codec.new_tensor_for(chunk)
+            return views[chunk.key] if chunk.key in views else codec.new_tensor_for(chunk)
 
         return allocate
 
@@ -153,6 +165,7 @@ class Shard:
             raise InvalidArgument(f"Init carries no initial value for keys {missing}")
         with self._cond:
             if self.job is not None:
+                self._receiving = None  # a repeated Init's values are not kept
                 if self.job == job:
                     return True
                 raise FailedPrecondition(
@@ -176,13 +189,18 @@ class Shard:
             return False
 
     def _share(self, slots: dict[str, Slot]) -> None:
-        """Move the weights into shared memory (ps_server.shared_weights), before
-        the optimizer is built on them."""
+        """Put the weights in shared memory (ps_server.shared_weights), before
+        the optimizer is built on them: where an Init received them, else a copy."""
         if not SharedWeights.supported():
             return
-        shared = SharedWeights([slot.value for slot in slots.values()])
-        for slot, view in zip(slots.values(), shared.views, strict=True):
-            slot.value = view
+        values = [slot.value for slot in slots.values()]
+        received, self._receiving = self._receiving, None
+        if received is not None and received.holds(values):
+            shared = received
+        else:
+            shared = SharedWeights.holding(values)
+            for slot, view in zip(slots.values(), shared.views, strict=True):
+                slot.value = view
         if self.shared is not None:
             self.shared.close()
         self.shared = shared
@@ -655,8 +673,9 @@ class Shard:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            if self.shared is not None:
-                self.shared.close()
+            for shared in (self.shared, self._receiving):
+                if shared is not None:
+                    shared.close()
 
     def _require_job(self) -> tuple[pb.JobSpec, ShardOptimizer]:
         if self.job is None or self._optimizer is None:

@@ -26,25 +26,35 @@ _ALIGN = 64  # a cache line: every tensor starts on one
 
 
 class SharedWeights:
-    """Tensors carved out of one memfd, laid out in the order given."""
+    """Flat tensors carved out of one memfd, laid out in the order given."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        """Copies `tensors` in; `views` are the copies, to use in their place."""
+    def __init__(self, layout: list[tuple[int, torch.dtype]]) -> None:
+        """`views`: one flat tensor per (numel, dtype) of `layout`, uninitialized."""
         offsets, size = [], 0
-        for tensor in tensors:
+        for numel, dtype in layout:
             offsets.append(size)
-            size += -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+            size += -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
         self.size = max(size, _ALIGN)  # mmap refuses an empty mapping
         self._fd = os.memfd_create("ps-weights", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, self.size)
+        os.ftruncate(self._fd, self.size)  # pages come as they are first written
         self._memory = mmap.mmap(self._fd, self.size)
         self._base = torch.frombuffer(self._memory, dtype=torch.uint8)
-        self.views: list[torch.Tensor] = []
-        for tensor, offset in zip(tensors, offsets, strict=True):
-            nbytes = tensor.numel() * tensor.element_size()
-            view = self._base[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            view.copy_(tensor)
-            self.views.append(view)
+        self.views = [
+            self._base[offset : offset + numel * dtype.itemsize].view(dtype)
+            for (numel, dtype), offset in zip(layout, offsets, strict=True)
+        ]
+
+    @classmethod
+    def holding(cls, tensors: list[torch.Tensor]) -> SharedWeights:
+        """A copy of `tensors`, flattened, as `views`."""
+        shared = cls([(tensor.numel(), tensor.dtype) for tensor in tensors])
+        for view, tensor in zip(shared.views, tensors, strict=True):
+            view.copy_(tensor.reshape(-1))
+        return shared
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every non-empty tensor of `tensors` lies in this memory."""
+        return all(tensor.numel() == 0 or self.range_of(tensor) is not None for tensor in tensors)
 
     @classmethod
     def supported(cls) -> bool:

@@ -26,6 +26,7 @@ from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_server.service import RunningServer, start_server
+from ps_server.shard import Shard
 from ps_server.shared_weights import SharedWeights
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient, data_client
 from tests.raw_data_channel import data_call, data_pull
@@ -165,13 +166,32 @@ def test_a_shared_range_outside_the_weights_is_refused() -> None:
         list(data_client._resolved([dataclasses.replace(inside, shared=(8, 64))], shared))
 
 
+def test_init_receives_the_values_straight_into_the_shared_weights() -> None:
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 1.0})])
+    job = pb.JobSpec(mode=pb.BSP, num_workers=1, optimizer=options,
+                     keys=[pb.KeySpec(key=k, dtype=pb.FLOAT32, shape=[3]) for k in ("a", "b")])  # fmt: skip
+    shard = Shard()
+    allocate = shard.init_allocator(job)
+    values = {}
+    for key in ("a", "b"):
+        values[key] = allocate(codec.Chunk(key=key, dtype=pb.FLOAT32, shape=[3])).copy_(torch.arange(3.0))
+    shard.init(job, values)
+    assert shard.shared is not None and shard.shared.holds(list(values.values()))
+    assert all(shard.slots[k].value is values[k] for k in values)  # adopted, not copied
+    again = shard.init_allocator(job)  # a repeated Init: received, then dropped
+    assert shard.init(job, {k: again(codec.Chunk(key=k, dtype=pb.FLOAT32, shape=[3])) for k in values})
+    assert shard._receiving is None and all(shard.slots[k].value is values[k] for k in values)
+    shard.close()
+
+
 def test_shared_weights_hold_a_copy_of_each_tensor_aligned() -> None:
     tensors = [torch.arange(5, dtype=torch.float32), torch.zeros(0), torch.tensor([True, False]),
                torch.randn(3, 2, dtype=torch.float64)]  # fmt: skip
-    shared = SharedWeights(tensors)
+    shared = SharedWeights.holding(tensors)
     try:
+        assert shared.holds(shared.views) and not shared.holds(tensors[:1])
         for original, view in zip(tensors, shared.views, strict=True):
-            assert torch.equal(original, view) and view.dtype == original.dtype
+            assert torch.equal(original.reshape(-1), view) and view.dtype == original.dtype
             where = shared.range_of(view)
             if original.numel():  # an empty tensor has no bytes to lie anywhere: pulls send its shape
                 assert where is not None and where[0] % 64 == 0
