@@ -226,6 +226,12 @@ def test_the_data_channel_requires_the_token() -> None:
         assert data_call(port, "Pull", [pb.PullRequest().SerializeToString()], token="s3cret")[0] != (
             grpc.StatusCode.UNAUTHENTICATED
         )
+        for token, code in (
+            ("wrong", grpc.StatusCode.UNAUTHENTICATED),
+            ("s3cret", grpc.StatusCode.FAILED_PRECONDITION),
+        ):
+            header, _, fds = _share(cluster.servers[0], token)  # before Init, even the right token gets nothing
+            assert data_channel.status_code(header.code) == code and fds == []
 
 
 def test_a_push_cut_off_in_the_middle_applies_nothing(server) -> None:  # type: ignore[no-untyped-def]
