@@ -153,6 +153,7 @@ class ServerStub:
         self._pushers.shutdown(wait=True)
         with self._lock:
             idle, self._idle = self._idle, []
+            self._shared = None  # the mapping goes with the last pull's views of it
         for connection in idle:
             connection.close()
 
