@@ -138,8 +138,10 @@ class Shard:
         specs = {k.key: k for k in job.keys}
 
         # Values are received straight into shared memory where there is some:
-        # a copy afterwards would hold the weights twice, and malloc keeps what
-        # the first copy freed in the receiving thread's arena.
+        # a copy afterwards holds the weights twice for a moment, and what it
+        # frees may stay in the receiving thread's malloc arena, unused by the
+        # threads that allocate later (the likely cause of a benchmark's peak
+        # of 266 MiB against 222, see benchmarks/HISTORY.md).
         views: dict[str, torch.Tensor] = {}
         if SharedWeights.supported():
             layout = [(math.prod(k.shape), codec.dtype_from_proto(k.dtype)) for k in job.keys]
