@@ -46,7 +46,16 @@ class Unavailable(PSError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, WaitTimeout, Unavailable)}
+class ResourceExhausted(PSError):
+    """The request needs more memory than the server can have."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, WaitTimeout, Unavailable, ResourceExhausted)
+}
 
 
 def from_rpc_error(error: grpc.RpcError, where: str) -> PSError:

@@ -22,7 +22,14 @@ import torch
 from google.protobuf import json_format
 
 from ps_common import codec
-from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
+from ps_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    WaitTimeout,
+)
 from ps_common.proto import ps_pb2 as pb
 from ps_server.buffers import BufferPool
 from ps_server.metrics import ServerMetrics
@@ -145,7 +152,11 @@ class Shard:
         views: dict[str, torch.Tensor] = {}
         if SharedWeights.supported():
             layout = [(math.prod(k.shape), codec.dtype_from_proto(k.dtype)) for k in job.keys]
-            shared = SharedWeights(layout)
+            try:
+                shared = SharedWeights(layout)
+            except (OSError, OverflowError) as exc:
+                size = sum(numel * dtype.itemsize for numel, dtype in layout)
+                raise ResourceExhausted(f"the job's {size} bytes of weights cannot be mapped: {exc}") from None
             views = {k.key: view for k, view in zip(job.keys, shared.views, strict=True)}
             with self._cond:
                 self._receiving = shared  # init() adopts it if it holds the values

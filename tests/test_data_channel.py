@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ps_common import codec, data_channel
-from ps_common.errors import InvalidArgument
+from ps_common.errors import InvalidArgument, ResourceExhausted
 from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
@@ -181,6 +181,17 @@ def test_init_receives_the_values_straight_into_the_shared_weights() -> None:
     again = shard.init_allocator(job)  # a repeated Init: received, then dropped
     assert shard.init(job, {k: again(codec.Chunk(key=k, dtype=pb.FLOAT32, shape=[3])) for k in values})
     assert shard._receiving is None and all(shard.slots[k].value is values[k] for k in values)
+    shard.close()
+
+
+def test_a_job_too_large_to_map_is_refused_before_any_value_arrives() -> None:
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 1.0})])
+    job = pb.JobSpec(mode=pb.BSP, num_workers=1, optimizer=options,
+                     keys=[pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[2**60])])  # fmt: skip
+    shard = Shard()
+    with pytest.raises(ResourceExhausted, match="cannot be mapped"):
+        shard.init_allocator(job)
+    assert shard.job is None and shard.shared is None and shard._receiving is None
     shard.close()
 
 
