@@ -12,9 +12,10 @@ waits for.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
-import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -272,16 +273,20 @@ class PSClient:
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
         header, payloads = self._last_push  # type: ignore[misc]
-        pieces = self._pieces[server]
-        sizes = {}  # of this server's pieces only: `payloads` holds every server's
+        self._settle(server, self._start_requests(server, header, self._pieces[server], payloads))
+
+    def _start_requests(
+        self, server: int, header: pb.PushHeader, pieces: Sequence[Piece], payloads: Mapping[str, Payload | None]
+    ) -> list[PushCall]:
+        """Start sending `pieces` to `server` in requests of at most push_request_bytes."""
+        sizes = {}  # of these pieces only: `payloads` holds every server's
         for piece in pieces:
             payload = payloads[piece.key]
             sizes[piece.key] = 0 if payload is None else payload.nbytes
-        calls = [
+        return [
             self._start_push(server, list(self._messages(header, group, payloads, counted=True)))
             for group in cut_requests(pieces, sizes, self._push_request_bytes)
         ]
-        self._settle(server, calls)
 
     def _start_push(self, server: int, frames: Iterable[wire.Frame]) -> PushCall:
         # Finding the server's data channel may take a call (Hello), which may fail.
@@ -345,7 +350,7 @@ class PSClient:
         fails, the pull is abandoned (within `wait_log_interval`) and the
         push's error raised.
         """
-        if self._mode != "bsp" or not self._pull_while_pushing:
+        if not self.pulls_during_push:
             self.push(grads, step, prune_thresholds)
             self.pull(into, step + 1)
             return
@@ -359,6 +364,11 @@ class PSClient:
             futures.wait([pulling])
             raise
         pulling.result()
+
+    @property
+    def pulls_during_push(self) -> bool:
+        """Whether the next step's pull goes with the push (BSP, `pull_while_pushing`)."""
+        return self._mode == "bsp" and self._pull_while_pushing
 
     def pull(
         self,
@@ -591,18 +601,33 @@ class PushStream:
     `finish` marks what was never added as absent, waits for every server's
     answer and, where a server was down, sends the whole push again.
 
-    Unlike `PSClient.push`, one request per server, not cut at
-    `push_request_bytes`: a step abandoned between backward and `finish`
-    (`cancel`, or a gradient with NaN) must change no server, and the stream
-    only ends at `finish`.
+    Until `finish`, what is sent goes in one request per server, which a
+    server applies only when it ends: a step abandoned between backward and
+    `finish` (`cancel`, or a gradient with NaN) changes no server. At
+    `finish` every gradient is known and finite, so those requests end there
+    and what they had not taken yet follows in requests of at most
+    `push_request_bytes`, each applied as it lands, as `PSClient.push` sends
+    them. Where the next pull goes with the push (`pulls_during_push`, over
+    links), the first request takes no more than that either: while it is
+    open, the pull of all it carries waits. Over emulated 1 Gbit/s links (2
+    workers, 2 servers, 9.4M parameters) an unbounded first request had
+    taken 7-14 of each server's 19 MB when backward ended, and a step took
+    504 ms, against 436 ms bounded and 430 ms without overlap.
     """
 
     def __init__(self, client: PSClient, header: pb.PushHeader) -> None:
         self._client = client
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
-        self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
+        self._queued: list[collections.deque[Piece]] = [collections.deque() for _ in client.addresses]
+        self._changed = threading.Condition()
+        self._ended = False  # finish or cancel: the first requests take no more pieces
+        # Where the next pull goes with the push, a held request holds back
+        # the pull of all it carries until it ends: no bigger than any other.
+        self._held_bytes = client._push_request_bytes if client.pulls_during_push else sys.maxsize
+        self._taken = [0] * len(client.addresses)  # bytes of each server's first request
         self._refused: InvalidArgument | None = None
+        self._untaken: list[list[Piece]] | None = None  # by server, once sealed
         self._calls: list[PushCall] = []
         for server in range(len(client.addresses)):
             requests = client._messages(header, self._arrivals(server), self._payloads, counted=True)
@@ -623,26 +648,41 @@ class PushStream:
             self.cancel()
             return
         self._payloads.update(self._client._encode(name, grad))  # raises for an unknown name
-        for piece in pieces:
-            self._queues[piece.server].put(piece)
+        with self._changed:
+            for piece in pieces:
+                self._queued[piece.server].append(piece)
+            self._changed.notify_all()
 
-    def finish(self) -> None:
-        """Send the rest (as absent) and return once every server took the push."""
-        client, step = self._client, self._header.step
+    def seal(self) -> None:
+        """Mark what was never added as absent and end the first requests;
+        raises, with nothing more sent, if a gradient was refused. (`finish`
+        seals first: call it alone to refuse bad input before starting a pull.)"""
+        if self._untaken is not None:
+            return
+        client = self._client
         for name in client._pieces_of:
             if client._pieces_of[name][0].key not in self._payloads:
                 self.add(name, None)
         if self._refused is not None:
             raise self._refused
-        for pending in self._queues:
-            pending.put(None)
+        self._untaken = self._end()
         # Kept so that a pull that finds its server restarted can push again:
         # (worker, step, key) ids make the repeat harmless if the push had landed.
         client._last_push = (self._header, self._payloads)
 
+    def finish(self) -> None:
+        """Seal, send the rest and return once every server took the push."""
+        self.seal()
+        client, step, untaken = self._client, self._header.step, self._untaken
+        assert untaken is not None
+
         def settle(server: int) -> None:
             try:
-                client._settle(server, [self._calls[server]])
+                untaken_here = untaken[server]
+                rest = (
+                    client._start_requests(server, self._header, untaken_here, self._payloads) if untaken_here else []
+                )
+                client._settle(server, [self._calls[server], *rest])
                 return
             except PSError as exc:
                 if exc.code not in _RETRY_WHILE_WAITING:
@@ -653,21 +693,34 @@ class PushStream:
 
     def cancel(self) -> None:
         """Abandon the push (the servers apply none of it)."""
-        for call, pending in zip(self._calls, self._queues, strict=True):
+        for call in self._calls:
             call.cancel()
-            pending.put(None)
+        self._end()
+
+    def _end(self) -> list[list[Piece]]:
+        """End the first requests; the pieces each server's had not taken."""
+        with self._changed:
+            self._ended = True
+            untaken = [list(pending) for pending in self._queued]
+            for pending in self._queued:
+                pending.clear()
+            self._changed.notify_all()
+        return untaken
 
     def _arrivals(self, server: int) -> Iterator[Piece]:
         """The pieces for `server` as they are added, until finish (or the call ends)."""
+        pending = self._queued[server]
         while True:
-            try:
-                piece = self._queues[server].get(timeout=1.0)
-            except queue.Empty:
-                if len(self._calls) > server and self._calls[server].done():
-                    return  # abandoned: the call already ended (deadline, error)
-                continue
-            if piece is None:
-                return
+            with self._changed:
+                while not self._ended and not (pending and self._taken[server] < self._held_bytes):
+                    timed_out = not self._changed.wait(timeout=1.0)
+                    if timed_out and len(self._calls) > server and self._calls[server].done():
+                        return  # abandoned: the call already ended (deadline, error)
+                if self._ended:
+                    return
+                piece = pending.popleft()
+                payload = self._payloads[piece.key]
+                self._taken[server] += 0 if payload is None else payload.nbytes
             yield piece
 
 

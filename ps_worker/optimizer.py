@@ -21,6 +21,7 @@ its own parameters. The weights are exactly those of the plain path.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -168,11 +169,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if self._push is None:
                 self.synchronize()
                 self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+                self._step += 1
+                self._pull_in_background(self._step)
             else:
                 push, self._push = self._push, None
-                push.finish()
-            self._step += 1
-            self._pull_in_background()
+                self._finish_overlapped(push)
         self.communication_seconds += time.perf_counter() - started
         return loss
 
@@ -205,7 +206,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
         name = self._names[id(param)]
         self._push.add(name, self._staging.grad(name))
 
-    def _pull_in_background(self) -> None:
+    def _finish_overlapped(self, push: PushStream) -> None:
+        """Finish the push backward fed and pull the next step in the background;
+        where the client pulls during a push, the pull starts first, so that
+        keys come back while the rest of the push still goes up."""
+        if not self.client.pulls_during_push:
+            push.finish()
+            self._step += 1
+            self._pull_in_background(self._step)
+            return
+        push.seal()  # a refused gradient raises before the pull starts
+        abandoned = threading.Event()
+        self._pull_in_background(self._step + 1, abandoned)
+        try:
+            push.finish()
+        except BaseException:
+            abandoned.set()
+            with contextlib.suppress(Exception):
+                self.synchronize()  # the push's error is the one to raise
+            raise
+        self._step += 1
+
+    def _pull_in_background(self, step: int, abandoned: threading.Event | None = None) -> None:
         arrived = {id(p): threading.Event() for p in self._params.values()}
 
         def landed(name: str) -> None:
@@ -213,7 +235,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             arrived[id(self._params[name])].set()
 
         self._arrived = arrived
-        self._pulling = self._puller.submit(self.client.pull, self._staging.weights(), self._step, False, landed)
+        self._pulling = self._puller.submit(self.client.pull, self._staging.weights(), step, False, landed, abandoned)
 
     def _await_weights(self, module: torch.nn.Module, args: Any) -> None:
         """Forward pre-hook on every module: wait for this module's own weights."""

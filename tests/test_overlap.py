@@ -3,6 +3,8 @@ weights the plain path does."""
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -10,17 +12,19 @@ import torch
 
 from ps_common.errors import InvalidArgument
 from ps_server.harness import InProcessCluster
-from ps_worker import DistributedOptimizer, PSClient
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression
 from tests.training import SPLITTING, batches, loss_of, small_model
 
 WORKERS = 2
+# As over links: the next step's pull goes with the push.
+PULL_DURING_PUSH = dataclasses.replace(SPLITTING, pull_while_pushing=True)
 
 
 def _train(
-    addresses: list[str], rank: int, model: torch.nn.Module, overlap: bool, data, compression
+    addresses: list[str], rank: int, model: torch.nn.Module, overlap: bool, data, compression, config: ClientConfig
 ) -> torch.nn.Module:  # type: ignore[no-untyped-def]
-    with PSClient(addresses, rank, WORKERS, SPLITTING) as client:
+    with PSClient(addresses, rank, WORKERS, config) as client:
         opt = DistributedOptimizer(
             torch.optim.Adam(model.parameters(), lr=1e-2), client,
             named_parameters=model.named_parameters(), mode="bsp", overlap=overlap, compression=compression,
@@ -35,20 +39,27 @@ def _train(
     return model
 
 
-def _bsp(overlap: bool, data, compression: Compression) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
+def _bsp(overlap: bool, data, compression: Compression, config: ClientConfig) -> list[torch.nn.Module]:  # type: ignore[no-untyped-def]
     models = [small_model() for _ in range(WORKERS)]  # here: small_model seeds torch's global generator
     with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(WORKERS) as pool:
         jobs = [
-            pool.submit(_train, cluster.addresses, r, models[r], overlap, data, compression) for r in range(WORKERS)
+            pool.submit(_train, cluster.addresses, r, models[r], overlap, data, compression, config)
+            for r in range(WORKERS)
         ]
         return [job.result(timeout=120) for job in jobs]
 
 
-@pytest.mark.parametrize("compression", [Compression(), Compression(pull="bf16")], ids=["fp32", "bf16-pulls"])
-def test_overlap_gives_the_same_weights_as_the_plain_path_in_bsp(compression: Compression) -> None:
+@pytest.mark.parametrize(
+    ("compression", "config"),
+    [(Compression(), SPLITTING), (Compression(pull="bf16"), SPLITTING), (Compression(), PULL_DURING_PUSH)],
+    ids=["fp32", "bf16-pulls", "pull-during-push"],
+)
+def test_overlap_gives_the_same_weights_as_the_plain_path_in_bsp(
+    compression: Compression, config: ClientConfig
+) -> None:
     data = batches(40, batch=16)
-    plain = _bsp(False, data, compression)
-    overlapped = _bsp(True, data, compression)
+    plain = _bsp(False, data, compression, config)
+    overlapped = _bsp(True, data, compression, config)
     for a, b in zip(plain, overlapped, strict=True):
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
@@ -80,3 +91,71 @@ def test_close_removes_the_hooks() -> None:
         (x, y), = batches(1, batch=4)  # fmt: skip
         loss_of(model, x, y).backward()  # no hook left to push
         assert opt._push is None
+
+
+def _push_during_backward(config: ClientConfig, until: int) -> tuple[int, int, int]:
+    """Gradient bytes the push had sent once backward's hooks fed it and it
+    sent `until` bytes (or 10 s passed), and half a second more; all it sent
+    by the end of step(); the requests applied."""
+    model = small_model()
+    (x, y), = batches(1, batch=4)  # fmt: skip
+    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+        opt = DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
+            overlap=True,
+        )  # fmt: skip
+        loss_of(model, x, y).backward()
+        deadline = time.monotonic() + 10
+        while client.bytes_pushed < until and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        sent = client.bytes_pushed
+        assert cluster.servers[0].shard.counters["pushes"] == 0  # held until step()
+        opt.step()
+        requests = cluster.servers[0].shard.counters["pushes"]
+        opt.close()
+        return sent, client.bytes_pushed, requests
+
+
+def test_with_the_pull_during_the_push_backward_sends_at_most_one_request_before_step() -> None:
+    limit, piece = PULL_DURING_PUSH.push_request_bytes, PULL_DURING_PUSH.max_piece_bytes
+    assert limit is not None
+    sent, total, requests = _push_during_backward(PULL_DURING_PUSH, until=1)
+    assert 0 < sent < limit + piece
+    assert requests >= total / limit  # the rest follows in requests of at most `limit`
+    # On loopback (no pull during the push), backward's hooks send all they have at once.
+    model_bytes = sum(p.numel() * p.element_size() for p in small_model().parameters())
+    sent, total, requests = _push_during_backward(SPLITTING, until=model_bytes)
+    assert (sent, requests) == (total, 1)
+
+
+def test_a_nan_gradient_with_the_pull_during_the_push_raises_at_step_and_training_goes_on() -> None:
+    model, reference = small_model(), small_model()
+    data = batches(3, batch=4)
+    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, PULL_DURING_PUSH) as client:
+        opt = DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
+            overlap=True,
+        )  # fmt: skip
+        before = [s.shard.snapshot() for s in cluster.servers]
+        (x, y) = data[0]
+        (loss_of(model, x, y) * float("nan")).backward()
+        with pytest.raises(InvalidArgument, match="NaN"):
+            opt.step()
+        after = [s.shard.snapshot() for s in cluster.servers]
+        for old, new in zip(before, after, strict=True):
+            assert old is not None and new is not None
+            assert all(torch.equal(old.tensors[k], new.tensors[k]) for k in old.tensors)
+        for x, y in data[1:]:
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+            opt.step()
+        opt.pull_final()
+        opt.close()
+    local = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for x, y in data[1:]:
+        local.zero_grad()
+        loss_of(reference, x, y).backward()
+        local.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
