@@ -236,9 +236,10 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self, item: PulledKey, chunk_bytes: int, cast_to: torch.dtype | None, shared: bool
     ) -> Iterable[codec.Chunk]:
         """A pulled key's chunks: its place in the shared weights where the
-        client may read them there (as stored, no cast), else its bytes."""
+        client may read them there (as stored: a client that asked for half
+        precision casts them itself), else its bytes."""
         where = self.shard.shared.range_of(item.value) if shared and self.shard.shared is not None else None
-        if where is None or codec.wire_dtype(item.value.dtype, cast_to) != item.value.dtype:
+        if where is None:
             return codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
         dtype = codec.dtype_to_proto(item.value.dtype)
         return [codec.Chunk(key=item.key, dtype=dtype, shape=list(item.value.shape), shared=where)]

@@ -16,12 +16,14 @@ import os
 import socket
 import ssl
 import threading
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import grpc
+import torch
 
 from ps_common import codec, data_channel, wire
 from ps_common.data_channel import ChannelError
@@ -40,14 +42,29 @@ class PushCall(Protocol):
     def cancel(self) -> bool: ...
 
 
-def _resolved(chunks: Iterable[codec.Chunk], shared: memoryview) -> Iterator[codec.Chunk]:
-    """Chunks whose data lies in the server's shared weights, with a view of it as their data."""
+def _resolved(chunks: Iterable[codec.Chunk], shared: memoryview, half: torch.dtype | None) -> Iterator[codec.Chunk]:
+    """Chunks whose data lies in the server's shared weights, with a view of
+    it as their data; for a pull in `half` precision, their floats rounded to
+    it here, as the server casts what it sends (the same torch cast)."""
     for chunk in chunks:
         if chunk.shared is not None:
             offset, size = chunk.shared
             if offset + size > len(shared):
                 raise InvalidArgument(f"server sent key {chunk.key!r} at bytes past the end of its shared weights")
-            chunk = dataclasses.replace(chunk, data=shared[offset : offset + size], shared=None)
+            data: codec.Data = shared[offset : offset + size]
+            stored = codec.dtype_from_proto(chunk.dtype)
+            travels = codec.wire_dtype(stored, half)
+            if travels != stored:
+                if size % stored.itemsize:
+                    raise InvalidArgument(f"server shared key {chunk.key!r} in {size} bytes, not whole elements")
+                with warnings.catch_warnings():  # torch warns that the mapping is read-only: it is only read
+                    warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+                    rounded = torch.frombuffer(data, dtype=stored).to(travels)
+                data, chunk = (
+                    rounded.view(torch.uint8).numpy().data,
+                    dataclasses.replace(chunk, dtype=codec.dtype_to_proto(travels)),
+                )
+            chunk = dataclasses.replace(chunk, data=data, shared=None)
         yield chunk
 
 
@@ -191,6 +208,7 @@ class ServerStub:
 
     def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
         shared = self._shared_weights(timeout)
+        half = codec.dtype_from_proto(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
         if shared is not None:
             asked, request = request, pb.PullRequest()
             request.CopyFrom(asked)
@@ -204,7 +222,7 @@ class ServerStub:
                     return
                 message = wire.read_pull_strict(connection.stream, header.body_length)
                 if shared is not None:
-                    message = wire.Frame(message.header, _resolved(message.chunks, shared))
+                    message = wire.Frame(message.header, _resolved(message.chunks, shared, half))
                 yield message
                 wire.read_to_end(message)
 

@@ -127,8 +127,12 @@ def _bsp_worker_on_bf16_weights(addresses: list[str], rank: int, model: torch.nn
         opt.pull_final()
 
 
-@pytest.mark.parametrize("data_channel", [True, False], ids=["data-channel", "grpc"])
-def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(data_channel: bool) -> None:
+@pytest.mark.parametrize(
+    ("data_channel", "shared_weights"), [(True, True), (True, False), (False, False)], ids=["shared", "sent", "grpc"]
+)
+def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
+    data_channel: bool, shared_weights: bool
+) -> None:
     """The oracle is mixed precision training in one process: torch.optim
     updates fp32 master weights with the gradients computed on their bf16
     rounding. (SGD with a power-of-two lr, the two halves' gradients
@@ -156,7 +160,7 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(dat
         oracle_fp32.step()
 
     replicas = [small_model() for _ in range(2)]
-    config = dataclasses.replace(SPLITTING, data_channel=data_channel)
+    config = dataclasses.replace(SPLITTING, data_channel=data_channel, shared_weights=shared_weights)
     with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
         jobs = [
             pool.submit(_bsp_worker_on_bf16_weights, cluster.addresses, r, replicas[r], data, config) for r in (0, 1)
@@ -169,11 +173,13 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(dat
         assert max_difference(master, replica) == 0
     assert max_difference(full_precision, replicas[0]) > 1e-4  # the rounding is not lost in the noise
     weights = sum(p.numel() for p in master.parameters())
-    # Each worker's pulls: the first and one a step in bf16, the final model in fp32 (on the
-    # data channel's Unix socket, read from the server's shared weights rather than sent).
-    final = weights * 4
-    assert pulled == 2 * ((len(data) + 1) * weights * 2 + (0 if data_channel else final))
-    assert shared == (2 * final if data_channel else 0)
+    # Each worker's pulls: the first and one a step in bf16, the final model in fp32; through
+    # the Unix socket, all read from the server's shared weights (fp32, rounded by the worker).
+    steps = len(data) + 1
+    if shared_weights:
+        assert (pulled, shared) == (0, 2 * (steps + 1) * weights * 4)
+    else:
+        assert (pulled, shared) == (2 * (steps * weights * 2 + weights * 4), 0)
 
 
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk"])
