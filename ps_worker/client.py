@@ -12,9 +12,10 @@ waits for.
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import ipaddress
 import logging
+import queue
 import sys
 import threading
 import time
@@ -601,30 +602,33 @@ class PushStream:
     `finish` marks what was never added as absent, waits for every server's
     answer and, where a server was down, sends the whole push again.
 
-    Until `finish`, what is sent goes in one request per server, which a
-    server applies only when it ends: a step abandoned between backward and
-    `finish` (`cancel`, or a gradient with NaN) changes no server. At
-    `finish` every gradient is known and finite, so those requests end there
-    and what they had not taken yet follows in requests of at most
-    `push_request_bytes`, each applied as it lands, as `PSClient.push` sends
-    them. Where the next pull goes with the push (`pulls_during_push`, over
-    links), the first request takes no more than that either: while it is
-    open, the pull of all it carries waits. Over emulated 1 Gbit/s links (2
-    workers, 2 servers, 9.4M parameters) an unbounded first request had
-    taken 7-14 of each server's 19 MB when backward ended, and a step took
-    504 ms, against 436 ms bounded and 430 ms without overlap.
+    What is sent goes in one request per server, which a server applies
+    only when `seal` ends it: a step abandoned before (`cancel`, or a
+    gradient with NaN) changes no server. On loopback that request carries
+    the whole push, as each request costs the shared cores CPU. Where the
+    next pull goes with the push (`pulls_during_push`, over links), a
+    request held open holds back the pull of all it carries: there it takes
+    at most `push_request_bytes`, and what is left at `seal` follows in
+    requests of that size, each applied as it lands, as `PSClient.push`
+    sends them. Over emulated 1 Gbit/s links (2 workers, 2 servers, 9.4M
+    parameters) a first request taking all it could had 7-14 of each
+    server's 19 MB when backward ended, and a step took 504 ms, against 436
+    ms bounded and 430 ms without overlap. On loopback, what was left split
+    off in requests of their own took 100 ms a step, against 83-87 ms in one.
+    (The queues are SimpleQueues: fed from backward's thread through a
+    threading.Condition, the overlapped step took 8 ms longer.)
     """
 
     def __init__(self, client: PSClient, header: pb.PushHeader) -> None:
         self._client = client
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
-        self._queued: list[collections.deque[Piece]] = [collections.deque() for _ in client.addresses]
-        self._changed = threading.Condition()
-        self._ended = False  # finish or cancel: the first requests take no more pieces
+        self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
+        self._ended = threading.Event()  # sealed or cancelled, the first requests taking nothing more
         # Where the next pull goes with the push, a held request holds back
         # the pull of all it carries until it ends: no bigger than any other.
-        self._held_bytes = client._push_request_bytes if client.pulls_during_push else sys.maxsize
+        self._bounded = client.pulls_during_push
+        self._held_bytes = client._push_request_bytes if self._bounded else sys.maxsize
         self._taken = [0] * len(client.addresses)  # bytes of each server's first request
         self._refused: InvalidArgument | None = None
         self._untaken: list[list[Piece]] | None = None  # by server, once sealed
@@ -648,10 +652,8 @@ class PushStream:
             self.cancel()
             return
         self._payloads.update(self._client._encode(name, grad))  # raises for an unknown name
-        with self._changed:
-            for piece in pieces:
-                self._queued[piece.server].append(piece)
-            self._changed.notify_all()
+        for piece in pieces:
+            self._queues[piece.server].put(piece)
 
     def seal(self) -> None:
         """Mark what was never added as absent and end the first requests;
@@ -665,7 +667,7 @@ class PushStream:
                 self.add(name, None)
         if self._refused is not None:
             raise self._refused
-        self._untaken = self._end()
+        self._untaken = self._end(keep_queued=not self._bounded)
         # Kept so that a pull that finds its server restarted can push again:
         # (worker, step, key) ids make the repeat harmless if the push had landed.
         client._last_push = (self._header, self._payloads)
@@ -695,33 +697,43 @@ class PushStream:
         """Abandon the push (the servers apply none of it)."""
         for call in self._calls:
             call.cancel()
-        self._end()
+        self._end(keep_queued=False)
 
-    def _end(self) -> list[list[Piece]]:
-        """End the first requests; the pieces each server's had not taken."""
-        with self._changed:
-            self._ended = True
-            untaken = [list(pending) for pending in self._queued]
-            for pending in self._queued:
-                pending.clear()
-            self._changed.notify_all()
+    def _end(self, keep_queued: bool) -> list[list[Piece]]:
+        """End the first requests once they took what is queued for them
+        (`keep_queued`), or now; the pieces each server's leaves untaken."""
+        untaken: list[list[Piece]] = [[] for _ in self._queues]
+        if not keep_queued:
+            self._ended.set()
+            for pending, left in zip(self._queues, untaken, strict=True):
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        piece = pending.get_nowait()
+                        if piece is not None:
+                            left.append(piece)
+        for pending in self._queues:
+            pending.put(None)  # what a first request still waiting for a piece takes as its end
         return untaken
 
     def _arrivals(self, server: int) -> Iterator[Piece]:
-        """The pieces for `server` as they are added, until finish (or the call ends)."""
-        pending = self._queued[server]
-        while True:
-            with self._changed:
-                while not self._ended and not (pending and self._taken[server] < self._held_bytes):
-                    timed_out = not self._changed.wait(timeout=1.0)
-                    if timed_out and len(self._calls) > server and self._calls[server].done():
-                        return  # abandoned: the call already ended (deadline, error)
-                if self._ended:
-                    return
-                piece = pending.popleft()
-                payload = self._payloads[piece.key]
-                self._taken[server] += 0 if payload is None else payload.nbytes
+        """The pieces for `server` as they are added, until sealed (or the call ends)."""
+        pending = self._queues[server]
+        while self._taken[server] < self._held_bytes:
+            try:
+                piece = pending.get(timeout=1.0)
+            except queue.Empty:
+                if len(self._calls) > server and self._calls[server].done():
+                    return  # abandoned: the call already ended (deadline, error)
+                continue
+            if piece is None:
+                return
+            payload = self._payloads[piece.key]
+            self._taken[server] += 0 if payload is None else payload.nbytes
             yield piece
+        # Full: ending the request would apply it, so it stays open until sealed.
+        while not self._ended.wait(timeout=1.0):
+            if len(self._calls) > server and self._calls[server].done():
+                return
 
 
 def _check_finite(name: str, grad: torch.Tensor | None, step: int) -> None:
