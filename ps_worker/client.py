@@ -624,7 +624,7 @@ class PushStream:
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
-        self._ended = threading.Event()  # sealed or cancelled, the first requests taking nothing more
+        self._ended = threading.Event()  # sealed or cancelled: a full first request may end
         # Where the next pull goes with the push, a held request holds back
         # the pull of all it carries until it ends: no bigger than any other.
         self._bounded = client.pulls_during_push
@@ -703,8 +703,8 @@ class PushStream:
         """End the first requests once they took what is queued for them
         (`keep_queued`), or now; the pieces each server's leaves untaken."""
         untaken: list[list[Piece]] = [[] for _ in self._queues]
+        self._ended.set()
         if not keep_queued:
-            self._ended.set()
             for pending, left in zip(self._queues, untaken, strict=True):
                 with contextlib.suppress(queue.Empty):
                     while True:

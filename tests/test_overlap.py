@@ -66,14 +66,16 @@ def test_overlap_gives_the_same_weights_as_the_plain_path_in_bsp(
     assert not torch.equal(plain[0][0].weight, small_model()[0].weight)  # it did train
 
 
+def _overlapped_sgd(model: torch.nn.Module, client: PSClient) -> DistributedOptimizer:
+    return DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
+                                named_parameters=model.named_parameters(), overlap=True)  # fmt: skip
+
+
 def test_overlap_refuses_gradient_accumulation_with_a_clear_error() -> None:
     model = small_model()
     (x, y), = batches(1, batch=4)  # fmt: skip
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
-        opt = DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
-            overlap=True,
-        )  # fmt: skip
+        opt = _overlapped_sgd(model, client)
         loss_of(model, x, y).backward()
         with pytest.raises(InvalidArgument, match="given twice"):
             loss_of(model, x, y).backward()
@@ -83,10 +85,7 @@ def test_overlap_refuses_gradient_accumulation_with_a_clear_error() -> None:
 def test_close_removes_the_hooks() -> None:
     model = small_model()
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
-        opt = DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
-            overlap=True,
-        )  # fmt: skip
+        opt = _overlapped_sgd(model, client)
         opt.close()
         (x, y), = batches(1, batch=4)  # fmt: skip
         loss_of(model, x, y).backward()  # no hook left to push
@@ -100,10 +99,7 @@ def _push_during_backward(config: ClientConfig, until: int) -> tuple[int, int, i
     model = small_model()
     (x, y), = batches(1, batch=4)  # fmt: skip
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
-        opt = DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
-            overlap=True,
-        )  # fmt: skip
+        opt = _overlapped_sgd(model, client)
         loss_of(model, x, y).backward()
         deadline = time.monotonic() + 10
         while client.bytes_pushed < until and time.monotonic() < deadline:
@@ -133,10 +129,7 @@ def test_a_nan_gradient_with_the_pull_during_the_push_raises_at_step_and_trainin
     model, reference = small_model(), small_model()
     data = batches(3, batch=4)
     with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, PULL_DURING_PUSH) as client:
-        opt = DistributedOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters(),
-            overlap=True,
-        )  # fmt: skip
+        opt = _overlapped_sgd(model, client)
         before = [s.shard.snapshot() for s in cluster.servers]
         (x, y) = data[0]
         (loss_of(model, x, y) * float("nan")).backward()
