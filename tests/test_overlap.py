@@ -125,16 +125,27 @@ def test_with_the_pull_during_the_push_backward_sends_at_most_one_request_before
     assert (sent, requests) == (total, 1)
 
 
-def test_a_nan_gradient_with_the_pull_during_the_push_raises_at_step_and_training_goes_on() -> None:
+@pytest.mark.parametrize("refused_by", ["worker", "servers"])
+def test_a_refused_push_with_the_pull_during_the_push_raises_at_step_and_training_goes_on(refused_by: str) -> None:
+    """The worker refuses a NaN gradient before the pull starts; the servers
+    refuse a negative learning rate once the pull has started, which is then
+    abandoned. Either way step() raises promptly and no server changes."""
     model, reference = small_model(), small_model()
     data = batches(3, batch=4)
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, PULL_DURING_PUSH) as client:
+    config = dataclasses.replace(PULL_DURING_PUSH, wait_log_interval=1.0)  # how soon an abandoned pull stops
+    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         opt = _overlapped_sgd(model, client)
         before = [s.shard.snapshot() for s in cluster.servers]
         (x, y) = data[0]
-        (loss_of(model, x, y) * float("nan")).backward()
-        with pytest.raises(InvalidArgument, match="NaN"):
+        scale = float("nan") if refused_by == "worker" else 1.0
+        if refused_by == "servers":
+            opt.param_groups[0]["lr"] = -1.0
+        (loss_of(model, x, y) * scale).backward()
+        started = time.monotonic()
+        with pytest.raises(InvalidArgument, match="NaN" if refused_by == "worker" else "refused its hyperparameters"):
             opt.step()
+        assert time.monotonic() - started < 10
+        opt.param_groups[0]["lr"] = 0.1
         after = [s.shard.snapshot() for s in cluster.servers]
         for old, new in zip(before, after, strict=True):
             assert old is not None and new is not None
