@@ -42,30 +42,46 @@ class PushCall(Protocol):
     def cancel(self) -> bool: ...
 
 
-def _resolved(chunks: Iterable[codec.Chunk], shared: memoryview, half: torch.dtype | None) -> Iterator[codec.Chunk]:
-    """Chunks whose data lies in the server's shared weights, with a view of
-    it as their data; for a pull in `half` precision, their floats rounded to
-    it here, as the server casts what it sends (the same torch cast)."""
-    for chunk in chunks:
-        if chunk.shared is not None:
-            offset, size = chunk.shared
-            if offset + size > len(shared):
-                raise InvalidArgument(f"server sent key {chunk.key!r} at bytes past the end of its shared weights")
-            data: codec.Data = shared[offset : offset + size]
-            stored = codec.dtype_from_proto(chunk.dtype)
-            travels = codec.wire_dtype(stored, half)
-            if travels != stored:
-                if size % stored.itemsize:
-                    raise InvalidArgument(f"server shared key {chunk.key!r} in {size} bytes, not whole elements")
-                with warnings.catch_warnings():  # torch warns that the mapping is read-only: it is only read
-                    warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-                    rounded = torch.frombuffer(data, dtype=stored).to(travels)
-                data, chunk = (
-                    rounded.view(torch.uint8).numpy().data,
-                    dataclasses.replace(chunk, dtype=codec.dtype_to_proto(travels)),
-                )
-            chunk = dataclasses.replace(chunk, data=data, shared=None)
-        yield chunk
+class _SharedReader:
+    """Resolves the shared ranges of one pull in the server's mapped weights.
+    For a pull in `half` precision it rounds their floats as the server casts
+    what it sends (the same torch cast), into one buffer reused from key to
+    key: a chunk's data is valid until the next chunk is read, as on the
+    wire. (A fresh tensor per key cost more in page faults than the cast: 9.4M
+    fp32 elements to bf16 on one thread, 11 ms allocating, 2.8 ms into a buffer.)"""
+
+    def __init__(self, shared: memoryview, half: torch.dtype | None) -> None:
+        self._shared = shared
+        self._half = half
+        self._buffer: torch.Tensor | None = None
+
+    def resolved(self, chunks: Iterable[codec.Chunk]) -> Iterator[codec.Chunk]:
+        """`chunks`, those in the shared weights with their data there (or rounded)."""
+        for chunk in chunks:
+            if chunk.shared is not None:
+                offset, size = chunk.shared
+                if offset + size > len(self._shared):
+                    raise InvalidArgument(f"server sent key {chunk.key!r} at bytes past the end of its shared weights")
+                data = self._shared[offset : offset + size]
+                stored = codec.dtype_from_proto(chunk.dtype)
+                travels = codec.wire_dtype(stored, self._half)
+                if travels != stored:
+                    data = self._rounded(chunk.key, data, stored, travels)
+                    chunk = dataclasses.replace(chunk, dtype=codec.dtype_to_proto(travels))
+                chunk = dataclasses.replace(chunk, data=data, shared=None)
+            yield chunk
+
+    def _rounded(self, key: str, data: memoryview, stored: torch.dtype, travels: torch.dtype) -> memoryview:
+        if len(data) % stored.itemsize:
+            raise InvalidArgument(f"server shared key {key!r} in {len(data)} bytes, not whole elements")
+        count = len(data) // stored.itemsize
+        if self._buffer is None or self._buffer.dtype != travels or self._buffer.numel() < count:
+            self._buffer = torch.empty(count, dtype=travels)
+        rounded = self._buffer[:count]
+        with warnings.catch_warnings():  # torch warns that the mapping is read-only: it is only read
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            rounded.copy_(torch.frombuffer(data, dtype=stored))
+        return rounded.view(torch.uint8).numpy().data
 
 
 class _Connection:
@@ -208,8 +224,10 @@ class ServerStub:
 
     def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
         shared = self._shared_weights(timeout)
-        half = codec.dtype_from_proto(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
+        reader = None
         if shared is not None:
+            half = codec.dtype_from_proto(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
+            reader = _SharedReader(shared, half)
             asked, request = request, pb.PullRequest()
             request.CopyFrom(asked)
             request.shared = True
@@ -221,8 +239,8 @@ class ServerStub:
                 if header.last:
                     return
                 message = wire.read_pull_strict(connection.stream, header.body_length)
-                if shared is not None:
-                    message = wire.Frame(message.header, _resolved(message.chunks, shared, half))
+                if reader is not None:
+                    message = wire.Frame(message.header, reader.resolved(message.chunks))
                 yield message
                 wire.read_to_end(message)
 

@@ -160,24 +160,28 @@ def test_weights_are_shared_only_on_the_unix_socket_and_only_where_they_hold_sti
 def test_a_shared_range_outside_the_weights_is_refused() -> None:
     shared = memoryview(bytes(64))
     inside = codec.Chunk(key="k", dtype=pb.FLOAT32, shape=[16], shared=(0, 64))
-    (resolved,) = data_client._resolved([inside], shared, None)
+    (resolved,) = data_client._SharedReader(shared, None).resolved([inside])
     assert len(resolved.data) == 64 and resolved.shared is None
     with pytest.raises(InvalidArgument, match="past the end"):
-        list(data_client._resolved([dataclasses.replace(inside, shared=(8, 64))], shared, None))
+        list(data_client._SharedReader(shared, None).resolved([dataclasses.replace(inside, shared=(8, 64))]))
 
 
 def test_a_shared_range_pulled_in_bf16_is_rounded_as_the_server_casts_what_it_sends() -> None:
     values = torch.randn(16) * 1e3
     shared = memoryview(values.numpy().tobytes())
     chunk = codec.Chunk(key="k", dtype=pb.FLOAT32, shape=[16], shared=(0, 64))
-    (resolved,) = data_client._resolved([chunk], shared, torch.bfloat16)
+    (resolved,) = data_client._SharedReader(shared, torch.bfloat16).resolved([chunk])
     (sent,) = codec.tensor_to_chunks("k", values, cast_to=torch.bfloat16)
     assert (resolved.dtype, bytes(resolved.data), resolved.shared) == (pb.BFLOAT16, bytes(sent.data), None)
+    # Keys rounded one after the other share a buffer: each is read before the next.
+    halves = [dataclasses.replace(chunk, key=k, shape=[8], shared=(32 * i, 32)) for i, k in enumerate("ab")]
+    read = [bytes(c.data) for c in data_client._SharedReader(shared, torch.bfloat16).resolved(halves)]
+    assert b"".join(read) == bytes(sent.data)
     assert not torch.equal(values, values.to(torch.bfloat16).float())  # the rounding shows
     with pytest.raises(InvalidArgument, match="not whole elements"):
-        list(data_client._resolved([dataclasses.replace(chunk, shared=(0, 62))], shared, torch.bfloat16))
+        list(data_client._SharedReader(shared, torch.bfloat16).resolved([dataclasses.replace(chunk, shared=(0, 62))]))
     integers = codec.Chunk(key="i", dtype=pb.INT64, shape=[8], shared=(0, 64))
-    (as_stored,) = data_client._resolved([integers], shared, torch.bfloat16)
+    (as_stored,) = data_client._SharedReader(shared, torch.bfloat16).resolved([integers])
     assert (as_stored.dtype, bytes(as_stored.data)) == (pb.INT64, bytes(shared))
 
 
