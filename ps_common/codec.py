@@ -93,11 +93,14 @@ class Chunk:
     shared: tuple[int, int] | None = None
 
     def to_proto(self) -> pb.TensorChunk:
-        shared = None if self.shared is None else pb.SharedRange(offset=self.shared[0], size=self.shared[1])
         return pb.TensorChunk(
             key=self.key, dtype=self.dtype, shape=self.shape, offset=self.offset, data=bytes(self.data),
-            absent=self.absent, sparse=self.sparse, indices=bytes(self.indices), length=self.length, shared=shared,
+            absent=self.absent, sparse=self.sparse, indices=bytes(self.indices), length=self.length,
+            shared=self.shared_range(),
         )  # fmt: skip
+
+    def shared_range(self) -> pb.SharedRange | None:
+        return None if self.shared is None else pb.SharedRange(offset=self.shared[0], size=self.shared[1])
 
 
 class ChunkLike(Protocol):

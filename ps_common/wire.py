@@ -76,10 +76,9 @@ def _length_delimited(number: int, size: int) -> bytes:
 
 
 def _chunk_parts(chunk: Chunk) -> list[Any]:
-    shared = None if chunk.shared is None else pb.SharedRange(offset=chunk.shared[0], size=chunk.shared[1])
     meta = pb.TensorChunk(
         key=chunk.key, dtype=chunk.dtype, shape=chunk.shape, offset=chunk.offset, absent=chunk.absent,
-        sparse=chunk.sparse, length=chunk.length, shared=shared,
+        sparse=chunk.sparse, length=chunk.length, shared=chunk.shared_range(),
     ).SerializeToString()  # fmt: skip
     parts: list[Any] = [meta]
     for number, payload in ((_DATA, chunk.data), (_INDICES, chunk.indices)):
