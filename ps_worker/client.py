@@ -356,15 +356,28 @@ class PSClient:
             self.pull(into, step + 1)
             return
         self._prepare_push(grads, step, prune_thresholds)  # bad input is refused before the pull starts
+        self.pull_during(lambda: self._send_push(step), into, step + 1).result()
+
+    def pull_during(
+        self,
+        send: Callable[[], None],
+        into: Mapping[str, torch.Tensor],
+        step: int,
+        on_arrival: Callable[[str], None] | None = None,
+    ) -> futures.Future[None]:
+        """Start `pull(into, step, on_arrival=on_arrival)` in the background,
+        then call `send` (the push it follows, e.g. `PushStream.finish`) and
+        return the pull's future. If `send` raises, the pull is abandoned
+        (within `wait_log_interval`) and waited for, and `send`'s error raised."""
         abandoned = threading.Event()
-        pulling = self._puller.submit(self.pull, into, step + 1, abandoned=abandoned)
+        pulling = self._puller.submit(self.pull, into, step, False, on_arrival, abandoned)
         try:
-            self._send_push(step)
+            send()
         except BaseException:
             abandoned.set()
             futures.wait([pulling])
             raise
-        pulling.result()
+        return pulling
 
     @property
     def pulls_during_push(self) -> bool:

@@ -21,7 +21,6 @@ its own parameters. The weights are exactly those of the plain path.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -169,8 +168,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if self._push is None:
                 self.synchronize()
                 self.client.push(self._staging.grads(), self._step, self._prune_thresholds())
+                self._pull_in_background(self._step + 1)
                 self._step += 1
-                self._pull_in_background(self._step)
             else:
                 push, self._push = self._push, None
                 self._finish_overlapped(push)
@@ -210,32 +209,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Finish the push backward fed and pull the next step in the background;
         where the client pulls during a push, the pull starts first, so that
         keys come back while the rest of the push still goes up."""
-        if not self.client.pulls_during_push:
+        if self.client.pulls_during_push:
+            push.seal()  # a refused gradient raises before the pull starts
+            self._pull_in_background(self._step + 1, during=push.finish)
+        else:
             push.finish()
-            self._step += 1
-            self._pull_in_background(self._step)
-            return
-        push.seal()  # a refused gradient raises before the pull starts
-        abandoned = threading.Event()
-        self._pull_in_background(self._step + 1, abandoned)
-        try:
-            push.finish()
-        except BaseException:
-            abandoned.set()
-            with contextlib.suppress(Exception):
-                self.synchronize()  # the push's error is the one to raise
-            raise
+            self._pull_in_background(self._step + 1)
         self._step += 1
 
-    def _pull_in_background(self, step: int, abandoned: threading.Event | None = None) -> None:
+    def _pull_in_background(self, step: int, during: Callable[[], None] | None = None) -> None:
+        """Pull `step` into the staging, each parameter's event set as it lands;
+        with `during`, the push to send meanwhile (PSClient.pull_during)."""
         arrived = {id(p): threading.Event() for p in self._params.values()}
 
         def landed(name: str) -> None:
             self._staging.upload([name])
             arrived[id(self._params[name])].set()
 
+        weights = self._staging.weights()
+        if during is None:
+            self._pulling = self._puller.submit(self.client.pull, weights, step, False, landed)
+        else:
+            self._pulling = self.client.pull_during(during, weights, step, landed)
         self._arrived = arrived
-        self._pulling = self._puller.submit(self.client.pull, self._staging.weights(), step, False, landed, abandoned)
 
     def _await_weights(self, module: torch.nn.Module, args: Any) -> None:
         """Forward pre-hook on every module: wait for this module's own weights."""
