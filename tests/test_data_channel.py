@@ -5,6 +5,7 @@ from a push that does not end."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import mmap
 import os
@@ -113,6 +114,53 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
     with InProcessCluster(num_servers=1, config=ServerConfig(data_channel=False)) as cluster:
         assert cluster.servers[0].data_server is None
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(3, 4))
+
+
+@pytest.mark.parametrize("over_a_link", [False, True])
+def test_pushes_go_two_at_a_time_on_this_host_and_one_at_a_time_over_a_link(monkeypatch, over_a_link: bool) -> None:  # type: ignore[no-untyped-def]
+    """Over a link two pushes at once would share its bandwidth; on this host
+    the second overlaps the server's work on the first. The weights are the same."""
+    monkeypatch.setattr(data_client, "crosses_a_link", lambda sock: over_a_link)
+    pushing: dict[int, set[int]] = collections.defaultdict(set)  # per server: connections with a push unanswered
+    most, lock = 0, threading.Lock()
+    send, answer = data_client.ServerStub._send, data_client.ServerStub._answer
+
+    def counted_send(stub, connection, header, body=b""):  # type: ignore[no-untyped-def]
+        nonlocal most
+        if header.method == "Push":
+            with lock:
+                pushing[id(stub)].add(id(connection))
+                most = max(most, len(pushing[id(stub)]))
+        send(stub, connection, header, body)
+
+    def counted_answer(stub, connection):  # type: ignore[no-untyped-def]
+        result = answer(stub, connection)
+        with lock:
+            pushing[id(stub)].discard(id(connection))
+        return result
+
+    monkeypatch.setattr(data_client.ServerStub, "_send", counted_send)
+    monkeypatch.setattr(data_client.ServerStub, "_answer", counted_answer)
+    over_tcp = dataclasses.replace(SPLITTING, data_socket=False)  # each push in several requests
+    weights = _weights(over_tcp)
+    assert most == (1 if over_a_link else 2)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(over_tcp), strict=True))
+
+
+def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
+    with InProcessCluster(num_servers=1) as cluster:
+        stub = data_client.ServerStub(grpc.insecure_channel(cluster.addresses[0]), "127.0.0.1", pb.HelloRequest(), None)
+        link = type("Link", (), {"over_link": True})()
+        with (
+            stub._one_over_a_link(link, True, timeout=1.0),  # type: ignore[arg-type]
+            pytest.raises(data_channel.ChannelError, match="waited 0.2s for the push before"),
+            stub._one_over_a_link(link, True, timeout=0.2),  # type: ignore[arg-type]
+        ):
+            pass
+        with stub._one_over_a_link(link, True, timeout=0.2):  # type: ignore[arg-type]
+            pass  # its turn, once the first is done
+        stub.close()
 
 
 def _share(running: RunningServer, token: str = "") -> tuple[pb.DataHeader, bytes, list[int]]:
