@@ -33,6 +33,7 @@ from ps_common.proto import ps_pb2 as pb
 
 _UNRESOLVED = -1
 _HELLO_TIMEOUT = 5.0
+_UNSENT_BYTES_OVER_A_LINK = 2**17
 
 
 class PushCall(Protocol):
@@ -161,7 +162,7 @@ class ServerStub:
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._pushers = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-data-push")
-        self._link_turn = threading.Lock()  # held by the push in flight over a link
+        self._link_turn = threading.Lock()  # held by the push sending over a link
 
     # -- Push and Pull, on whichever transport ----------------------------------------
 
@@ -173,11 +174,10 @@ class ServerStub:
 
     def push_future(self, frames: Iterable[wire.Frame], timeout: float) -> PushCall:
         """Push `frames` as they are yielded, from another thread. On the data
-        channel, two pushes at a time where the cores set the pace (loopback,
-        Unix socket): while the server applies one, the next is on its way;
-        over a link, one at a time (`_one_over_a_link`). Later ones wait their
-        turn. (gRPC: a unary call when `frames` is a list of one, much faster
-        there.)"""
+        channel, two pushes at a time: while the server applies one, the next
+        is on its way; over a link, the second's bytes follow the first's
+        (`_one_sending_over_a_link`). Later ones wait their turn. (gRPC: a
+        unary call when `frames` is a list of one, much faster there.)"""
         if self._has_data_channel():
             return _DataPush(self, iter(frames), timeout)
         if isinstance(frames, list) and len(frames) == 1:
@@ -219,27 +219,34 @@ class ServerStub:
         self, method: str, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None
     ) -> bytes:
         """Send a Push or Init stream; the answer's body."""
-        with self._connected(timeout) as connection, self._one_over_a_link(connection, call is not None, timeout):
+        with self._connected(timeout) as connection:
             if call is not None:
                 call.connection = connection
-            header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
-            for frame in frames:
-                self._send(connection, header, wire.request_parts(frame))
-                header = pb.DataHeader()
-            if call is not None and call.cancelled.is_set():
-                raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
-            header.last = True
-            self._send(connection, header)
+            with self._one_sending_over_a_link(connection, call is not None, timeout):
+                header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
+                for frame in frames:
+                    self._send(connection, header, wire.request_parts(frame))
+                    header = pb.DataHeader()
+                if call is not None and call.cancelled.is_set():
+                    raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
+                header.last = True
+                self._send(connection, header)
             _, body = self._answer(connection)
             return bytes(body)
 
     @contextmanager
-    def _one_over_a_link(self, connection: _Connection, push: bool, timeout: float) -> Iterator[None]:
-        """A push's turn on a link, where two at once would share its
-        bandwidth: each would take twice as long to land, and so would the
-        updates and pulls of its keys. Over emulated 1 Gbit/s links (2
-        workers, 2 servers, 9.4M parameters), two pushes to a server at a
-        time took the fp32 step to 428-450 ms, one 388-401 ms (DDP: 346)."""
+    def _one_sending_over_a_link(self, connection: _Connection, push: bool, timeout: float) -> Iterator[None]:
+        """A push's turn to send over a link, where two sending at once share
+        its bandwidth: each takes twice as long to land, and so do the updates
+        and pulls of its keys. Over emulated 1 Gbit/s links (2 workers, 2
+        servers, 9.4M parameters, 3 runs each taking turns, the slowest
+        worker's median step), fp32 took 410-433 ms a step so, 428-458 ms
+        with two sending at once; with overlap 406-423 against 435-450 (DDP:
+        346). One push at a time, each waiting for its answer, measured about
+        the same here, but idles the link while the server applies a push,
+        which matters where a link is fast (not measurable here: over
+        emulated 10 Gbit/s links the cores set the pace, 129-149 ms a step
+        all three ways)."""
         if not push or not connection.over_link:
             yield
             return
@@ -381,6 +388,11 @@ class ServerStub:
             self._socket_name = ""  # TCP, until a Hello (after a failed call) names a socket again
             return None
         data_channel.tune(sock)
+        if crosses_a_link(sock) and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
+            # A send returns once its bytes are all but 128 KiB on their way,
+            # not merely copied into the socket's buffer (megabytes): only then
+            # may the next push start (`_one_sending_over_a_link`).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         return sock
 
     def _connect(self, timeout: float) -> socket.socket:
@@ -397,4 +409,9 @@ class ServerStub:
                 "with --data-port, or run workers with --no-data-channel)",
             ) from None
         data_channel.tune(sock)
+        if crosses_a_link(sock) and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
+            # A send returns once its bytes are all but 128 KiB on their way,
+            # not merely copied into the socket's buffer (megabytes): only then
+            # may the next push start (`_one_sending_over_a_link`).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         return sock

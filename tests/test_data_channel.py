@@ -5,7 +5,6 @@ from a push that does not end."""
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import mmap
 import os
@@ -21,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ps_common import codec, data_channel
+from ps_common import codec, data_channel, wire
 from ps_common.errors import InvalidArgument, ResourceExhausted
 from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
@@ -117,35 +116,37 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
 
 
 @pytest.mark.parametrize("over_a_link", [False, True])
-def test_pushes_go_two_at_a_time_on_this_host_and_one_at_a_time_over_a_link(monkeypatch, over_a_link: bool) -> None:  # type: ignore[no-untyped-def]
-    """Over a link two pushes at once would share its bandwidth; on this host
-    the second overlaps the server's work on the first. The weights are the same."""
+def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypatch, over_a_link: bool) -> None:  # type: ignore[no-untyped-def]
+    """Two pushes sending at once over a link would share its bandwidth; on
+    this host the second goes at once."""
     monkeypatch.setattr(data_client, "crosses_a_link", lambda sock: over_a_link)
-    pushing: dict[int, set[int]] = collections.defaultdict(set)  # per server: connections with a push unanswered
-    most, lock = 0, threading.Lock()
-    send, answer = data_client.ServerStub._send, data_client.ServerStub._answer
+    model = small_model()
+    config = dataclasses.replace(SPLITTING, data_socket=False)
+    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+        client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
+        payloads = {}
+        for name, param in model.named_parameters():
+            payloads.update(client._encode(name, torch.zeros_like(param)))
+        frames = list(client._messages(client._push_header(0, None), client._pieces[0], payloads))
+        first_may_end, second_started = threading.Event(), threading.Event()
 
-    def counted_send(stub, connection, header, body=b""):  # type: ignore[no-untyped-def]
-        nonlocal most
-        if header.method == "Push":
-            with lock:
-                pushing[id(stub)].add(id(connection))
-                most = max(most, len(pushing[id(stub)]))
-        send(stub, connection, header, body)
+        def first() -> Iterator[wire.Frame]:
+            yield frames[0]
+            first_may_end.wait(10)
+            yield from frames[1:]
 
-    def counted_answer(stub, connection):  # type: ignore[no-untyped-def]
-        result = answer(stub, connection)
-        with lock:
-            pushing[id(stub)].discard(id(connection))
-        return result
+        def second() -> Iterator[wire.Frame]:
+            second_started.set()
+            yield from frames
 
-    monkeypatch.setattr(data_client.ServerStub, "_send", counted_send)
-    monkeypatch.setattr(data_client.ServerStub, "_answer", counted_answer)
-    over_tcp = dataclasses.replace(SPLITTING, data_socket=False)  # each push in several requests
-    weights = _weights(over_tcp)
-    assert most == (1 if over_a_link else 2)
-    monkeypatch.undo()
-    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(over_tcp), strict=True))
+        stub = client._stubs[0]
+        calls = [stub.push_future(first(), timeout=30), stub.push_future(second(), timeout=30)]
+        assert second_started.wait(0.5) is not over_a_link
+        first_may_end.set()
+        for call in calls:
+            call.result(timeout=30)
+        assert second_started.is_set()
+        assert cluster.servers[0].shard.stats().keys[0].version == 1  # the repeat counted once
 
 
 def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
@@ -153,14 +154,21 @@ def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
         stub = data_client.ServerStub(grpc.insecure_channel(cluster.addresses[0]), "127.0.0.1", pb.HelloRequest(), None)
         link = type("Link", (), {"over_link": True})()
         with (
-            stub._one_over_a_link(link, True, timeout=1.0),  # type: ignore[arg-type]
+            stub._one_sending_over_a_link(link, True, timeout=1.0),  # type: ignore[arg-type]
             pytest.raises(data_channel.ChannelError, match="waited 0.2s for the push before"),
-            stub._one_over_a_link(link, True, timeout=0.2),  # type: ignore[arg-type]
+            stub._one_sending_over_a_link(link, True, timeout=0.2),  # type: ignore[arg-type]
         ):
             pass
-        with stub._one_over_a_link(link, True, timeout=0.2):  # type: ignore[arg-type]
-            pass  # its turn, once the first is done
+        with stub._one_sending_over_a_link(link, True, timeout=0.2):  # type: ignore[arg-type]
+            pass  # its turn, once the first has sent
         stub.close()
+
+
+def test_pushes_over_a_link_train_the_same_weights(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    over_tcp = dataclasses.replace(SPLITTING, data_socket=False)  # each push in several requests
+    here = _weights(over_tcp)
+    monkeypatch.setattr(data_client, "crosses_a_link", lambda sock: True)
+    assert all(torch.equal(a, b) for a, b in zip(here, _weights(over_tcp), strict=True))
 
 
 def _share(running: RunningServer, token: str = "") -> tuple[pb.DataHeader, bytes, list[int]]:
