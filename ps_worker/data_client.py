@@ -89,7 +89,13 @@ class _SharedReader:
 def crosses_a_link(sock: socket.socket) -> bool:
     """Whether `sock` is TCP to another host, where a link's bandwidth
     rather than this host's cores sets the pace."""
-    return sock.family != socket.AF_UNIX and not ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    if sock.family == socket.AF_UNIX:
+        return False
+    try:
+        peer = sock.getpeername()[0]
+    except OSError:  # already reset: the call's first send says so, as a status a retry handles
+        return False
+    return not ipaddress.ip_address(peer).is_loopback
 
 
 class _Connection:

@@ -149,6 +149,18 @@ def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypat
         assert cluster.servers[0].shard.stats().keys[0].version == 1  # the repeat counted once
 
 
+def test_only_tcp_to_another_host_crosses_a_link() -> None:
+    unix, other_end = socket.socketpair()
+    with unix, other_end, socket.create_server(("127.0.0.1", 0)) as listener:
+        assert not data_client.crosses_a_link(unix)
+        with socket.create_connection(listener.getsockname()) as loopback:
+            assert not data_client.crosses_a_link(loopback)
+        unconnected = socket.socket()
+        with unconnected:
+            assert not data_client.crosses_a_link(unconnected)  # its first send will fail instead
+        # TCP to another host: tests/test_multihost.py.
+
+
 def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
     with InProcessCluster(num_servers=1) as cluster:
         stub = data_client.ServerStub(grpc.insecure_channel(cluster.addresses[0]), "127.0.0.1", pb.HelloRequest(), None)

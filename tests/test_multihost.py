@@ -5,15 +5,18 @@ namespaces this test creates are used, and everything is removed afterwards."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from benchmarks.hosts import Host, available, emulated_hosts
+from ps_worker import data_client
 from tests.processes import worker_result
 
 pytestmark = [
@@ -35,6 +38,32 @@ def _ip(*args: str) -> None:
 
 def _in(host: Host, *command: str, **kwargs) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
     return subprocess.Popen(host.command(*command), **kwargs)
+
+
+def test_tcp_between_two_hosts_crosses_a_link(hosts: dict[str, Host]) -> None:
+    """What makes pushes to a server over a link send one after another (ps_worker/data_client.py)."""
+    sockets: dict[str, socket.socket] = {}
+
+    def on(host: Host, make: Callable[[], socket.socket], name: str) -> None:
+        host.enter()  # this thread only: its sockets stay on that host
+        sockets[name] = make()
+
+    server = threading.Thread(
+        target=on, args=(hosts["server0"], lambda: socket.create_server((hosts["server0"].address, 0)), "listener")
+    )
+    server.start()
+    server.join()
+    address = sockets["listener"].getsockname()
+    client = threading.Thread(
+        target=on, args=(hosts["worker0"], lambda: socket.create_connection(address, timeout=10), "client")
+    )
+    client.start()
+    client.join()
+    try:
+        assert data_client.crosses_a_link(sockets["client"])
+    finally:
+        for sock in sockets.values():
+            sock.close()
 
 
 def test_job_completes_across_separate_hosts(hosts: dict[str, Host], tmp_path: Path) -> None:
