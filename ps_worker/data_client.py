@@ -246,8 +246,8 @@ class ServerStub:
         its bandwidth: each takes twice as long to land, and so do the updates
         and pulls of its keys. Over emulated 1 Gbit/s links (2 workers, 2
         servers, 9.4M parameters, 3 runs each taking turns, the slowest
-        worker's median step), fp32 took 410-433 ms a step so, 428-458 ms
-        with two sending at once; with overlap 406-423 against 435-450 (DDP:
+        worker's median step), fp32 took 410-433 ms a step sending in turns,
+        428-458 ms two at once; with overlap 406-423 against 435-450 (DDP:
         346). One push at a time, each waiting for its answer, measured about
         the same here, but idles the link while the server applies a push,
         which matters where a link is fast (not measurable here: over
@@ -394,11 +394,6 @@ class ServerStub:
             self._socket_name = ""  # TCP, until a Hello (after a failed call) names a socket again
             return None
         data_channel.tune(sock)
-        if crosses_a_link(sock) and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
-            # A send returns once its bytes are all but 128 KiB on their way,
-            # not merely copied into the socket's buffer (megabytes): only then
-            # may the next push start (`_one_sending_over_a_link`).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         return sock
 
     def _connect(self, timeout: float) -> socket.socket:
