@@ -102,6 +102,11 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.over_link = crosses_a_link(sock)
+        if self.over_link and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
+            # A send returns once its bytes are all but 128 KiB on their way,
+            # not merely copied into the socket's buffer (megabytes): only then
+            # may the next push start (`ServerStub._one_sending_over_a_link`).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         self.stream = sock.makefile("rb")
         self.receiver = data_channel.Receiver(self.stream)
 
@@ -228,7 +233,7 @@ class ServerStub:
         with self._connected(timeout) as connection:
             if call is not None:
                 call.connection = connection
-            with self._one_sending_over_a_link(connection, call is not None, timeout):
+            with self._one_sending_over_a_link(connection, timeout):
                 header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
                 for frame in frames:
                     self._send(connection, header, wire.request_parts(frame))
@@ -241,10 +246,10 @@ class ServerStub:
             return bytes(body)
 
     @contextmanager
-    def _one_sending_over_a_link(self, connection: _Connection, push: bool, timeout: float) -> Iterator[None]:
-        """A push's turn to send over a link, where two sending at once share
-        its bandwidth: each takes twice as long to land, and so do the updates
-        and pulls of its keys. Over emulated 1 Gbit/s links (2 workers, 2
+    def _one_sending_over_a_link(self, connection: _Connection, timeout: float) -> Iterator[None]:
+        """A call's turn to send over a link (Push; Init, which precedes them),
+        where two pushes sending at once share its bandwidth: each takes twice
+        as long to land, and so do the updates and pulls of its keys. Over emulated 1 Gbit/s links (2 workers, 2
         servers, 9.4M parameters, 3 runs each taking turns, the slowest
         worker's median step), fp32 took 410-433 ms a step sending in turns,
         428-458 ms two at once; with overlap 406-423 against 435-450 (DDP:
@@ -253,7 +258,7 @@ class ServerStub:
         which matters where a link is fast (not measurable here: over
         emulated 10 Gbit/s links the cores set the pace, 129-149 ms a step
         all three ways)."""
-        if not push or not connection.over_link:
+        if not connection.over_link:
             yield
             return
         if not self._link_turn.acquire(timeout=timeout):
@@ -410,9 +415,4 @@ class ServerStub:
                 "with --data-port, or run workers with --no-data-channel)",
             ) from None
         data_channel.tune(sock)
-        if crosses_a_link(sock) and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
-            # A send returns once its bytes are all but 128 KiB on their way,
-            # not merely copied into the socket's buffer (megabytes): only then
-            # may the next push start (`_one_sending_over_a_link`).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         return sock

@@ -166,12 +166,12 @@ def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
         stub = data_client.ServerStub(grpc.insecure_channel(cluster.addresses[0]), "127.0.0.1", pb.HelloRequest(), None)
         link = type("Link", (), {"over_link": True})()
         with (
-            stub._one_sending_over_a_link(link, True, timeout=1.0),  # type: ignore[arg-type]
+            stub._one_sending_over_a_link(link, timeout=1.0),  # type: ignore[arg-type]
             pytest.raises(data_channel.ChannelError, match="waited 0.2s for the push before"),
-            stub._one_sending_over_a_link(link, True, timeout=0.2),  # type: ignore[arg-type]
+            stub._one_sending_over_a_link(link, timeout=0.2),  # type: ignore[arg-type]
         ):
             pass
-        with stub._one_sending_over_a_link(link, True, timeout=0.2):  # type: ignore[arg-type]
+        with stub._one_sending_over_a_link(link, timeout=0.2):  # type: ignore[arg-type]
             pass  # its turn, once the first has sent
         stub.close()
 
