@@ -61,19 +61,31 @@ def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
     compressor = Compressor(Compression("topk", topk_ratio=0.01))
     torch.manual_seed(2)
     for grad in (torch.randn(300_000), torch.randn(300_000) ** 3, torch.rand(300_000)):
-        total = grad.clone()
-        chosen = compressor._largest(total.abs(), 3000)
-        expected = torch.topk(total.abs(), 3000).indices
+        chosen = compressor._largest(grad, 3000)
+        expected = torch.topk(grad.abs(), 3000).indices
         assert set(chosen.tolist()) == set(expected.tolist())
         assert bool((chosen[1:] > chosen[:-1]).all())  # ascending, as sparse_to_chunks needs
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # numpy has no bfloat16; quantile no halves
-        magnitude = torch.randn(300_000).abs().to(dtype)
-        expected = torch.topk(magnitude, 3000).values
-        assert torch.equal(magnitude[compressor._largest(magnitude, 3000)].sort().values, expected.sort().values)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):  # numpy has no bfloat16
+        values = torch.randn(300_000).to(dtype)
+        expected = torch.topk(values.abs(), 3000).values
+        chosen = torch.from_numpy(compressor._largest(values, 3000))
+        assert torch.equal(values[chosen].abs().sort().values, expected.sort().values)
     # Ties at the threshold (all but k elements equal): still the k largest.
     flat = torch.zeros(300_000)
-    flat[:3000] = 1.0
+    flat[:3000] = -1.0
     assert set(compressor._largest(flat, 3000).tolist()) == set(range(3000))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_topk_payload_and_residual_keep_the_gradient_dtype(dtype: torch.dtype) -> None:
+    compressor = Compressor(Compression("topk", topk_ratio=0.01))
+    grad = torch.randn(100_000).to(dtype)
+    payload = compressor.encode("k", grad)
+    assert payload.values.dtype == dtype and payload.indices is not None
+    assert torch.equal(payload.values, grad[payload.indices])
+    residual = compressor._residuals["k"]
+    assert residual.dtype == dtype and int(torch.count_nonzero(residual[payload.indices])) == 0
+    assert torch.equal(residual + _round_trip(payload).to(dtype), grad)
 
 
 def test_topk_chunks_are_sparse_on_the_wire() -> None:
