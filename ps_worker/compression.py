@@ -9,7 +9,7 @@
   and added to the next step's gradient (error feedback, as in Deep
   Gradient Compression, Lin et al. 2018), so nothing is lost, only delayed.
   The selection is exact but found as DGC suggests: a threshold estimated
-  from a sample keeps about 2k candidates, and a partial sort runs over
+  from a sample keeps about 1.5k candidates, and a partial sort runs over
   those only (on one thread, torch.topk over a whole 1M-element piece cost
   9.3 ms, this 1.5 ms).
 
@@ -37,6 +37,9 @@ Method = Literal["none", "fp16", "bf16", "topk"]
 PullMethod = Literal["none", "bf16"]
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _SAMPLE = 4096  # elements sampled to place topk's threshold
+# Candidates kept per element topk sends: with the sample above, too few (and
+# so a search of all) on about 0.15% of 1M-element Gaussian pieces (simulated).
+_MARGIN = 1.5
 _SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -115,7 +118,7 @@ class Compressor:
     def _largest(self, values: torch.Tensor, k: int) -> np.ndarray:
         """Ascending positions of the k largest magnitudes of `values` (the
         set torch.topk picks), from the candidates at or above a threshold that
-        a random sample puts at about the 2k-th largest. Every one of the k
+        a random sample puts at about the 1.5k-th largest. Every one of the k
         largest is a candidate whenever there are at least k candidates; when
         the sample erred, all are."""
         array = (values.float() if values.dtype == torch.bfloat16 else values).numpy()
@@ -123,8 +126,10 @@ class Compressor:
         candidates = None
         if n > 16 * _SAMPLE:
             sample = np.abs(array[self._sampler.integers(n, size=_SAMPLE)])
-            rank = min(_SAMPLE - 1, max(0, round(_SAMPLE * (1 - 2 * k / n))))
-            above = np.flatnonzero(np.abs(array) >= np.partition(sample, rank)[rank])
+            rank = min(_SAMPLE - 1, max(0, round(_SAMPLE * (1 - _MARGIN * k / n))))
+            threshold = np.partition(sample, rank)[rank]
+            # Two comparisons cost less than the magnitudes of every element and one.
+            above = np.flatnonzero((array >= threshold) | (array <= -threshold))
             candidates = above if above.size >= k else None
         if candidates is None:
             candidates = np.arange(n)
