@@ -337,7 +337,9 @@ class Shard:
                 slot.prune_threshold = None
         with_grad = [s for s in ready if s.grad_sum is not None]
         for slot in with_grad:
-            slot.value.grad = slot.grad_sum.div_(slot.contributors)  # type: ignore[union-attr]
+            if slot.contributors > 1:  # one gradient is its own mean: no pass over it
+                slot.grad_sum.div_(slot.contributors)  # type: ignore[union-attr]
+            slot.value.grad = slot.grad_sum
         self._step(optimizer, options, with_grad)
         self.buffers.give(slot.grad_sum for slot in with_grad)  # type: ignore[misc]
         for slot in ready:
