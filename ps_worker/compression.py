@@ -10,8 +10,8 @@
   Gradient Compression, Lin et al. 2018), so nothing is lost, only delayed.
   The selection is exact but found as DGC suggests: a threshold estimated
   from a sample keeps about 1.5k candidates, and a partial sort runs over
-  those only (on one thread, torch.topk over a whole 1M-element piece cost
-  9.3 ms, this 1.5 ms).
+  those only (on one thread, for a 1M-element piece: 2.2 ms, against 17 ms
+  for torch.topk over all of it).
 
 Weights may travel back in bf16 too (`pull="bf16"`): the servers keep and
 update them at full precision and round them only on the way out, as mixed

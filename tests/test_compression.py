@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,6 +75,20 @@ def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
     flat = torch.zeros(300_000)
     flat[:3000] = -1.0
     assert set(compressor._largest(flat, 3000).tolist()) == set(range(3000))
+
+
+def test_topk_searches_every_element_when_the_sample_places_its_threshold_too_high() -> None:
+    class LargestOnly:
+        """A sampler that draws only the largest elements, so that fewer than k pass."""
+
+        def integers(self, high: int, size: int) -> np.ndarray:
+            return np.argsort(-grad.abs().numpy())[:size]
+
+    grad = torch.randn(300_000)
+    compressor = Compressor(Compression("topk", topk_ratio=0.01))
+    compressor._sampler = LargestOnly()  # type: ignore[assignment]
+    chosen = compressor._largest(grad, 6000)
+    assert set(chosen.tolist()) == set(torch.topk(grad.abs(), 6000).indices.tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
