@@ -69,8 +69,8 @@ def test_topk_of_a_large_piece_is_exactly_torch_topk() -> None:
     for dtype in (torch.float16, torch.bfloat16, torch.float64):  # numpy has no bfloat16
         values = torch.randn(300_000).to(dtype)
         expected = torch.topk(values.abs(), 3000).values
-        chosen = torch.from_numpy(compressor._largest(values, 3000))
-        assert torch.equal(values[chosen].abs().sort().values, expected.sort().values)
+        picked = torch.from_numpy(compressor._largest(values, 3000))
+        assert torch.equal(values[picked].abs().sort().values, expected.sort().values)
     # Ties at the threshold (all but k elements equal): still the k largest.
     flat = torch.zeros(300_000)
     flat[:3000] = -1.0
