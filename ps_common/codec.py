@@ -254,10 +254,40 @@ def absent_chunk(key: str) -> Chunk:
 
 @dataclass
 class _Pending:
-    dest: torch.Tensor  # flat destination
+    dest: torch.Tensor | None  # flat destination; None while the key is kept sparse
     dtype: int  # the chunks' dtype, which `dest` may be wider than (a compressed transfer)
     shape: tuple[int, ...]
-    filled: int = 0  # elements written so far
+    filled: int = 0  # elements written (or, kept sparse, received) so far
+    parts: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # kept sparse: (indices, values)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.dest is None else self.dest.numel()
+
+
+@dataclass(frozen=True)
+class SparseParts:
+    """A tensor of `shape` that travelled sparse, kept so: zero except at the
+    flat, ascending `indices`, where it holds `values` (in the chunks' dtype).
+    A server adds one to a sum in time proportional to what was sent."""
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor  # int64
+    values: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sparse_bytes(self.values.numel(), self.values.element_size())
+
+    def densify(self, dest: torch.Tensor) -> torch.Tensor:
+        """Write the whole tensor into `dest` (of `shape`, any float dtype); returns it."""
+        dest.zero_()
+        dest.view(-1)[self.indices] = self.values.to(dest.dtype)
+        return dest
+
+    def add_to(self, dest: torch.Tensor) -> None:
+        """`dest += self`, touching only the elements that were sent."""
+        dest.view(-1).index_add_(0, self.indices, self.values.to(dest.dtype))
 
 
 # Called with a key's first chunk; returns the flat tensor to fill, after
@@ -276,13 +306,25 @@ class ChunkAssembler:
     (so a worker can use a layer's weights before the rest arrive).
     `finish()` returns the completed tensors and raises if any is
     incomplete; `absent` holds the keys marked absent.
+
+    With `keep_sparse` (a check of a key's first chunk, raising if the key,
+    dtype or shape is not acceptable), a key whose chunks all come sparse is
+    not written into a destination: `sparse` holds it as SparseParts once
+    complete. A dense chunk after sparse ones makes the key dense.
     """
 
-    def __init__(self, allocate: Allocator, on_complete: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        allocate: Allocator,
+        on_complete: Callable[[str], None] | None = None,
+        keep_sparse: Callable[[ChunkLike], object] | None = None,
+    ) -> None:
         self._allocate = allocate
         self._on_complete = on_complete
+        self._keep_sparse = keep_sparse
         self._pending: dict[str, _Pending] = {}
         self._tensors: dict[str, torch.Tensor] = {}
+        self.sparse: dict[str, SparseParts] = {}
         self.absent: set[str] = set()
         self.bytes_received = 0
         self._buffer: torch.Tensor | None = None
@@ -292,7 +334,7 @@ class ChunkAssembler:
         if key in self.absent:
             raise InvalidArgument(f"key {key!r}: data after the absent marker")
         if chunk.absent:
-            if key in self._tensors:
+            if key in self._pending:
                 raise InvalidArgument(f"key {key!r}: absent marker after data")
             self.absent.add(key)
             return
@@ -301,9 +343,11 @@ class ChunkAssembler:
             if chunk.offset != 0:
                 raise InvalidArgument(f"key {key!r}: first chunk starts at element {chunk.offset}, not 0")
             dtype_from_proto(chunk.dtype)  # a known dtype, before anything is allocated
-            tensor = self._allocate(chunk)
-            self._tensors[key] = tensor
-            pending = _Pending(tensor.view(-1), chunk.dtype, tuple(chunk.shape))
+            pending = _Pending(None, chunk.dtype, tuple(chunk.shape))
+            if self._keep_sparse is not None and chunk.sparse:
+                self._keep_sparse(chunk)
+            else:
+                self._make_dense(key, chunk, pending)
             self._pending[key] = pending
         elif chunk.dtype != pending.dtype or tuple(chunk.shape) != pending.shape:
             raise InvalidArgument(f"key {key!r}: dtype or shape changed between chunks")
@@ -314,19 +358,40 @@ class ChunkAssembler:
         itemsize = dtype_from_proto(chunk.dtype).itemsize
         count = chunk.length if chunk.sparse else len(chunk.data) // itemsize
         stop = chunk.offset + count
-        if stop > pending.dest.numel() or len(chunk.data) % itemsize:
+        numel = pending.numel
+        if stop > numel or len(chunk.data) % itemsize:
             raise InvalidArgument(f"key {key!r}: chunk of {len(chunk.data)} bytes overruns or splits an element")
-        dest = pending.dest[chunk.offset : stop]
         if chunk.sparse:
-            _scatter(key, chunk, dest)
-        elif dest.dtype == dtype_from_proto(chunk.dtype):
-            _copy_into(_byte_view(dest), chunk.data)
+            indices, values = _sparse_parts(key, chunk)
+            if pending.dest is None:
+                pending.parts.append((indices + chunk.offset, values))
+            else:
+                _scatter(pending.dest[chunk.offset : stop], indices, values)
         else:
-            dest.copy_(self._read_into_buffer(chunk, count))
+            if pending.dest is None:
+                self._make_dense(key, chunk, pending)
+            assert pending.dest is not None
+            dest = pending.dest[chunk.offset : stop]
+            if dest.dtype == dtype_from_proto(chunk.dtype):
+                _copy_into(_byte_view(dest), chunk.data)
+            else:
+                dest.copy_(self._read_into_buffer(chunk, count))
         pending.filled = stop
         self.bytes_received += len(chunk.data) + len(chunk.indices)
-        if stop == pending.dest.numel() and self._on_complete is not None:
-            self._on_complete(key)
+        if stop == numel:
+            if pending.dest is None:
+                self.sparse[key] = _joined(pending.shape, pending.parts)
+            if self._on_complete is not None:
+                self._on_complete(key)
+
+    def _make_dense(self, key: str, chunk: ChunkLike, pending: _Pending) -> None:
+        """Give `key` its destination, holding what its sparse chunks brought so far."""
+        tensor = self._allocate(chunk)
+        self._tensors[key] = tensor
+        pending.dest = tensor.view(-1)
+        if pending.parts:
+            _joined(pending.shape, pending.parts).densify(pending.dest[: pending.filled])
+            pending.parts = []
 
     def _read_into_buffer(self, chunk: ChunkLike, count: int) -> torch.Tensor:
         """The dense chunk's `count` elements, in its own dtype, read into a
@@ -339,7 +404,8 @@ class ChunkAssembler:
         return buffer
 
     def finish(self) -> dict[str, torch.Tensor]:
-        incomplete = [k for k, p in self._pending.items() if p.filled != p.dest.numel()]
+        """The dense tensors (`sparse` holds the keys kept sparse)."""
+        incomplete = [k for k, p in self._pending.items() if p.filled != p.numel]
         if incomplete:
             raise InvalidArgument(f"stream ended before these keys were complete: {incomplete}")
         return self._tensors
@@ -358,21 +424,37 @@ def _writable_copy(data: Data) -> bytearray:
     return out
 
 
-def _scatter(key: str, chunk: ChunkLike, dest: torch.Tensor) -> None:
+def _sparse_parts(key: str, chunk: ChunkLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse chunk's positions (int64, within the chunk) and values, read
+    out of the message and checked: as many values as positions, each inside
+    the chunk, strictly ascending (so that each element is sent once)."""
+    dtype = dtype_from_proto(chunk.dtype)
+    count = len(chunk.indices) // _INDEX_BYTES
+    if len(chunk.indices) % _INDEX_BYTES or len(chunk.data) != count * dtype.itemsize:
+        raise InvalidArgument(f"key {key!r}: sparse chunk has {count} indices but {len(chunk.data)} value bytes")
+    if not count:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)
+    # bytearray: torch wants a writable buffer; the copy is of the non-zeros only.
+    indices = torch.frombuffer(bytearray(chunk.indices), dtype=torch.int32).long()
+    values = torch.frombuffer(_writable_copy(chunk.data), dtype=dtype)
+    if int(indices[0]) < 0 or int(indices[-1]) >= chunk.length:
+        raise InvalidArgument(f"key {key!r}: sparse index outside its chunk of {chunk.length} elements")
+    if not bool((indices[1:] > indices[:-1]).all()):
+        raise InvalidArgument(f"key {key!r}: sparse indices are not strictly ascending")
+    return indices, values
+
+
+def _scatter(dest: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     """Write a sparse chunk into `dest` (its range): zeros, then the values
     (cast to `dest`'s dtype)."""
-    dtype = dtype_from_proto(chunk.dtype)
-    itemsize = dtype.itemsize
-    count = len(chunk.indices) // _INDEX_BYTES
-    if len(chunk.indices) % _INDEX_BYTES or len(chunk.data) != count * itemsize:
-        raise InvalidArgument(f"key {key!r}: sparse chunk has {count} indices but {len(chunk.data)} value bytes")
-    # bytearray: torch wants a writable buffer; the copy is of the non-zeros only.
-    indices = torch.frombuffer(bytearray(chunk.indices), dtype=torch.int32).long() if count else None
-    if indices is not None and (int(indices.min()) < 0 or int(indices.max()) >= chunk.length):
-        raise InvalidArgument(f"key {key!r}: sparse index outside its chunk of {chunk.length} elements")
     dest.zero_()
-    if indices is not None:
-        dest[indices] = torch.frombuffer(_writable_copy(chunk.data), dtype=dtype).to(dest.dtype)
+    dest[indices] = values.to(dest.dtype)
+
+
+def _joined(shape: tuple[int, ...], parts: list[tuple[torch.Tensor, torch.Tensor]]) -> SparseParts:
+    if len(parts) == 1:
+        return SparseParts(shape, *parts[0])
+    return SparseParts(shape, torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts]))
 
 
 class HasChunks(Protocol):

@@ -29,7 +29,7 @@ from ps_server.data_server import DataServer
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import warm_up
 from ps_server.security import TokenInterceptor, credentials, tls_context
-from ps_server.shard import PulledKey, Shard
+from ps_server.shard import Gradient, PulledKey, Shard
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,11 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
 
     def _push(self, requests: Iterator[wire.Frame | wire.Malformed]) -> pb.PushResponse:
         header, messages = _split_stream(requests, "Push")
-        assembler = codec.ChunkAssembler(self.shard.push_allocator)
+        assembler = codec.ChunkAssembler(self.shard.push_allocator, keep_sparse=self.shard.push_layout)
         _assemble(messages, assembler)
+        grads: dict[str, Gradient] = {**assembler.finish(), **assembler.sparse}
         accepted, duplicates = self.shard.push(
-            header.worker_id, header.step, header.groups, assembler.finish(), assembler.absent, header.prune_thresholds
+            header.worker_id, header.step, header.groups, grads, assembler.absent, header.prune_thresholds
         )
         return pb.PushResponse(accepted=accepted, duplicates=duplicates)
 

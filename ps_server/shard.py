@@ -39,6 +39,10 @@ from ps_server.storage import ShardState
 
 log = logging.getLogger(__name__)
 
+# A pushed gradient: dense, or as it travelled sparse (top-k), added to a
+# step's sum without filling in its zeros.
+Gradient = torch.Tensor | codec.SparseParts
+
 
 @dataclass
 class Slot:
@@ -75,7 +79,7 @@ class _Push:
     step: int
     options: list[dict[str, Any]] | None  # the param groups' hyperparameters, None: unchanged
     fresh: dict[str, Slot]  # keys this worker had not pushed for this step yet
-    grads: dict[str, torch.Tensor]  # absent keys have no entry
+    grads: Mapping[str, Gradient]  # absent keys have no entry
     thresholds: dict[str, float]  # pruning thresholds by parameter name
 
 
@@ -225,26 +229,32 @@ class Shard:
     # -- push ------------------------------------------------------------------------
 
     def push_allocator(self, chunk: codec.ChunkLike) -> torch.Tensor:
-        """Allocator for a Push stream: only known keys, with their shape, and
-        their dtype or (compressed gradients) a half-precision one."""
+        """Allocator for a Push stream (see `push_layout`)."""
+        return self.buffers.take(*self.push_layout(chunk))
+
+    def push_layout(self, chunk: codec.ChunkLike) -> tuple[torch.Size, torch.dtype]:
+        """The shape and dtype a pushed key's chunks fill: only known keys,
+        with their shape, and their dtype or (compressed gradients) a
+        half-precision one; raises for any other."""
         slot = self._slot(chunk.key)
         half = codec.dtype_from_proto(chunk.dtype) if chunk.dtype in _WIRE_HALVES else None
         if half is not None and codec.wire_dtype(slot.value.dtype, half) == half:
             _check_matches(slot.spec, chunk, dtype=chunk.dtype)
-            return self.buffers.take(slot.value.shape, half)
+            return slot.value.shape, half
         _check_matches(slot.spec, chunk)
-        return self.buffers.take(slot.value.shape, slot.value.dtype)
+        return slot.value.shape, slot.value.dtype
 
     def push(
         self,
         worker_id: int,
         step: int,
         groups: Sequence[pb.ParamGroup],
-        grads: dict[str, torch.Tensor],
+        grads: Mapping[str, Gradient],
         absent: Iterable[str] = (),
         thresholds: Mapping[str, float] | None = None,
     ) -> tuple[int, int]:
-        """Accept one worker's gradients for `step`; returns (accepted, duplicates).
+        """Accept one worker's gradients for `step` (dense, or as they
+        travelled sparse); returns (accepted, duplicates).
 
         `thresholds` (worker 0, on pruning steps) prune this step's weights,
         by parameter name, before its update.
@@ -255,7 +265,7 @@ class Shard:
         # cannot make a finite value non-finite, and casting late saves a
         # gradient-sized allocation per push.
         for key, grad in grads.items():
-            if not codec.all_finite(grad):
+            if not codec.all_finite(grad.values if isinstance(grad, codec.SparseParts) else grad):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
         with self._cond:
             job, optimizer = self._require_job()
@@ -298,12 +308,12 @@ class Shard:
                 self._apply_now(job, optimizer, checked)
             # What is not kept as a BSP step's sum is free for the next push.
             summed = {id(slot.grad_sum) for slot in fresh.values()}
-            self.buffers.give(grad for grad in grads.values() if id(grad) not in summed)
+            self.buffers.give(g for g in grads.values() if isinstance(g, torch.Tensor) and id(g) not in summed)
             self._advance_clock(worker_id, step)
             duplicates = len(grads) + len(absent) - len(fresh)
             self.counters["pushes"] += 1
             self.counters["duplicate_keys"] += duplicates
-            self.counters["bytes_in"] += sum(g.numel() * g.element_size() for k, g in grads.items() if k in fresh)
+            self.counters["bytes_in"] += sum(_nbytes(g) for k, g in grads.items() if k in fresh)
             self._last_push_time[worker_id] = time.time()
             self._cond.notify_all()
             return len(fresh), duplicates
@@ -316,6 +326,8 @@ class Shard:
             if grad is not None:
                 if slot.grad_sum is None:
                     slot.grad_sum = self._in_value_dtype(grad, slot)  # the stream's buffer is ours: no copy if fp32
+                elif isinstance(grad, codec.SparseParts):
+                    grad.add_to(slot.grad_sum)  # only the elements sent: no zeros filled in, none added
                 else:
                     slot.grad_sum.add_(grad)  # adds a half-precision gradient without casting it first
             slot.contributors += 1
@@ -401,8 +413,11 @@ class Shard:
                 slot.version += 1
                 slot.restored = False
 
-    def _in_value_dtype(self, grad: torch.Tensor, slot: Slot) -> torch.Tensor:
-        """`grad` itself if in the weights' dtype, else a cast copy lent by the pool."""
+    def _in_value_dtype(self, grad: Gradient, slot: Slot) -> torch.Tensor:
+        """`grad` itself if dense and in the weights' dtype, else a dense copy in
+        that dtype lent by the pool."""
+        if isinstance(grad, codec.SparseParts):
+            return grad.densify(self.buffers.take(slot.value.shape, slot.value.dtype))
         if grad.dtype == slot.value.dtype:
             return grad
         return self.buffers.take(grad.shape, slot.value.dtype).copy_(grad)
@@ -712,6 +727,10 @@ class Shard:
 
 # Dtypes a compressed gradient of a wider floating-point key may travel in.
 _WIRE_HALVES = (pb.FLOAT16, pb.BFLOAT16)
+
+
+def _nbytes(grad: Gradient) -> int:
+    return grad.nbytes if isinstance(grad, codec.SparseParts) else grad.numel() * grad.element_size()
 
 
 def updates_taken(versions: Iterable[int]) -> int:

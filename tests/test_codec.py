@@ -143,3 +143,56 @@ def test_sparse_chunk_with_index_outside_its_range_is_refused() -> None:
                          data=torch.tensor([1.0]).numpy().tobytes())  # fmt: skip
     with pytest.raises(InvalidArgument, match="outside"):
         _round_trip([bad])
+
+
+def test_sparse_chunk_with_indices_out_of_order_is_refused() -> None:
+    bad = pb.TensorChunk(key="s", dtype=pb.FLOAT32, shape=[10], sparse=True, length=10,
+                         indices=torch.tensor([3, 3], dtype=torch.int32).numpy().tobytes(),
+                         data=torch.tensor([1.0, 2.0]).numpy().tobytes())  # fmt: skip
+    with pytest.raises(InvalidArgument, match="ascending"):
+        _round_trip([bad])
+
+
+def _kept_sparse(chunks: list[codec.ChunkLike]) -> codec.ChunkAssembler:
+    checked = []
+    assembler = codec.ChunkAssembler(codec.new_tensor_for, keep_sparse=checked.append)
+    for chunk in chunks:
+        assembler.add(chunk)
+    assert [c.key for c in checked] == sorted({c.key for c in chunks if c.sparse and c.offset == 0})
+    return assembler
+
+
+def test_a_key_that_comes_all_sparse_is_kept_sparse_and_adds_what_was_sent() -> None:
+    tensor = torch.zeros(10_000)
+    tensor[::50] = torch.arange(1, 201, dtype=torch.float32)
+    chunks = list(codec.tensor_to_chunks("s", tensor, chunk_bytes=8192, sparse_if_smaller=True))
+    assert len(chunks) > 1 and all(c.sparse for c in chunks)
+    assembler = _kept_sparse([_as_chunk(c) for c in chunks])
+    assert assembler.finish() == {}
+    kept = assembler.sparse["s"]
+    assert kept.shape == (10_000,) and kept.nbytes == 200 * 8
+    assert torch.equal(kept.densify(torch.full((10_000,), 7.0)), tensor)
+    total = torch.ones(10_000)
+    kept.add_to(total)
+    assert torch.equal(total, tensor + 1)
+
+
+def test_a_dense_chunk_after_sparse_ones_makes_the_key_dense() -> None:
+    tensor = torch.zeros(6000)
+    tensor[:2000:50] = 1.0  # sparse in the first chunk
+    tensor[4000:] = torch.randn(2000)  # dense in the last
+    chunks = [_as_chunk(c) for c in codec.tensor_to_chunks("m", tensor, chunk_bytes=8000, sparse_if_smaller=True)]
+    assert [c.sparse for c in chunks] == [True, True, False]
+    assembler = _kept_sparse(chunks)
+    assert assembler.sparse == {} and torch.equal(assembler.finish()["m"], tensor)
+
+
+def test_a_refused_first_sparse_chunk_is_refused_before_anything_is_kept() -> None:
+    def refuse(chunk: codec.ChunkLike) -> None:
+        raise InvalidArgument(f"unknown key {chunk.key!r}")
+
+    assembler = codec.ChunkAssembler(codec.new_tensor_for, keep_sparse=refuse)
+    chunk = next(iter(codec.sparse_to_chunks("x", torch.tensor([3]), torch.tensor([1.0]), 100)))
+    with pytest.raises(InvalidArgument, match="unknown key"):
+        assembler.add(chunk)
+    assert assembler.sparse == {}

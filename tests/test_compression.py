@@ -209,6 +209,43 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
         assert (pulled, shared) == (2 * (steps * weights * 2 + weights * 4), 0)
 
 
+@pytest.mark.parametrize("mode", ["bsp", "asp"])
+def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(mode: str) -> None:
+    """The servers keep top-k pushes sparse and add only what was sent: into
+    the step's sum in BSP, densified for the update in ASP. SGD at lr 1 on
+    integer gradients makes every sum exact, whatever order the pushes land
+    in: the weights end as the start minus what was sent (BSP: its mean),
+    and the servers count the bytes of the sparse pushes, not of the dense."""
+    torch.manual_seed(3)
+    start = torch.randint(-50, 50, (3000,)).float()
+    grads = [[torch.randint(-8, 9, (3000,)).float() for _ in range(4)] for _ in range(2)]
+
+    def train(rank: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        weights = torch.nn.Parameter(start.clone())
+        with PSClient(cluster.addresses, rank, 2, CONFIG) as client:
+            opt = DistributedOptimizer(
+                torch.optim.SGD([weights], lr=1.0), client, named_parameters=[("w", weights)], mode=mode,
+                compression=Compression("topk", topk_ratio=0.1),
+            )  # fmt: skip
+            oracle, sent, sent_bytes = Compressor(Compression("topk", topk_ratio=0.1)), torch.zeros(3000), 0
+            for grad in grads[rank]:
+                for piece in client._pieces_of["w"]:
+                    payload = oracle.encode(piece.key, grad[piece.start : piece.stop])
+                    sent[piece.start : piece.stop] += _round_trip(payload)
+                    sent_bytes += codec.sparse_bytes(payload.values.numel(), 4)
+                weights.grad = grad.clone()
+                opt.step()
+            opt.pull_final()
+        return sent, weights.detach().clone(), sent_bytes
+
+    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+        (sent0, final0, bytes0), (sent1, final1, bytes1) = pool.map(train, range(2))
+        received = sum(server.shard.counters["bytes_in"] for server in cluster.servers)
+    assert received == bytes0 + bytes1 < 2 * 4 * 3000 * 4
+    expected = start - (sent0 + sent1) / (2 if mode == "bsp" else 1)
+    assert torch.equal(final0, expected) and torch.equal(final1, expected)
+
+
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk"])
 def test_the_server_applies_exactly_what_was_sent(method: str) -> None:
     """SGD with lr 1: each step subtracts the decoded gradient, across split pieces and 2 servers."""
