@@ -71,6 +71,17 @@ def _grad(spec: pb.KeySpec, dtype: torch.dtype = torch.float32, numel: int | Non
     ]
 
 
+def _sparse(spec: pb.KeySpec, indices: list[int], values: list[float], key: str | None = None,
+            length: int | None = None) -> list[pb.TensorChunk]:  # fmt: skip
+    """A top-k push: `values` at `indices`, as the servers keep it (sparse)."""
+    chunks = codec.sparse_to_chunks(
+        key or spec.key, torch.tensor(indices), torch.tensor(values), length or spec.shape[0]
+    )
+    protos = [c.to_proto() for c in chunks]
+    assert all(c.sparse for c in protos)
+    return protos
+
+
 BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[str, Any], grpc.StatusCode, str]] = {
     "wrong shape": (lambda s: _grad(s, numel=s.shape[0] + 1), {}, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
     "wrong dtype": (lambda s: _grad(s, dtype=torch.float64), {}, grpc.StatusCode.INVALID_ARGUMENT, "FLOAT64"),
@@ -92,6 +103,30 @@ BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[s
         {},
         grpc.StatusCode.INVALID_ARGUMENT,
         "overruns",
+    ),  # fmt: skip
+    "sparse NaN": (lambda s: _sparse(s, [0, 2], [1.0, float("nan")]), {}, grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    "sparse wrong shape": (
+        lambda s: _sparse(s, [0], [1.0], length=s.shape[0] + 1),
+        {},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "shape",
+    ),
+    "sparse unknown key": (lambda s: _sparse(s, [0], [1.0], key="nope"), {}, grpc.StatusCode.NOT_FOUND, "nope"),
+    "sparse indices out of order": (
+        lambda s: [
+            pb.TensorChunk(
+                key=s.key,
+                dtype=pb.FLOAT32,
+                shape=s.shape,
+                sparse=True,
+                length=s.shape[0],
+                indices=torch.tensor([2, 0], dtype=torch.int32).numpy().tobytes(),
+                data=torch.tensor([1.0, 1.0]).numpy().tobytes(),
+            )
+        ],
+        {},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ascending",
     ),  # fmt: skip
     "truncated stream": (
         lambda s: [_grad(s)[0].__class__(key=s.key, dtype=pb.FLOAT32, shape=s.shape, data=b"\0" * 4)],
