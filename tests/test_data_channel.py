@@ -128,10 +128,11 @@ def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypat
         for name, param in model.named_parameters():
             payloads.update(client._encode(name, torch.zeros_like(param)))
         frames = list(client._messages(client._push_header(0, None), client._pieces[0], payloads))
-        first_may_end, second_started = threading.Event(), threading.Event()
+        first_sending, first_may_end, second_started = threading.Event(), threading.Event(), threading.Event()
 
         def first() -> Iterator[wire.Frame]:
             yield frames[0]
+            first_sending.set()  # its first frame has gone: it holds its turn
             first_may_end.wait(10)
             yield from frames[1:]
 
@@ -140,7 +141,10 @@ def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypat
             yield from frames
 
         stub = client._stubs[0]
-        calls = [stub.push_future(first(), timeout=30), stub.push_future(second(), timeout=30)]
+        # The second starts once the first is sending: started together, either may take the first turn.
+        calls = [stub.push_future(first(), timeout=30)]
+        assert first_sending.wait(10)
+        calls.append(stub.push_future(second(), timeout=30))
         assert second_started.wait(0.5) is not over_a_link
         first_may_end.set()
         for call in calls:
