@@ -281,8 +281,7 @@ class SparseParts:
 
     def densify(self, dest: torch.Tensor) -> torch.Tensor:
         """Write the whole tensor into `dest` (of `shape`, any float dtype); returns it."""
-        dest.zero_()
-        dest.view(-1)[self.indices] = self.values.to(dest.dtype)
+        _scatter(dest.view(-1), self.indices, self.values)
         return dest
 
     def add_to(self, dest: torch.Tensor) -> None:
@@ -368,10 +367,8 @@ class ChunkAssembler:
             else:
                 _scatter(pending.dest[chunk.offset : stop], indices, values)
         else:
-            if pending.dest is None:
-                self._make_dense(key, chunk, pending)
-            assert pending.dest is not None
-            dest = pending.dest[chunk.offset : stop]
+            flat = self._make_dense(key, chunk, pending) if pending.dest is None else pending.dest
+            dest = flat[chunk.offset : stop]
             if dest.dtype == dtype_from_proto(chunk.dtype):
                 _copy_into(_byte_view(dest), chunk.data)
             else:
@@ -384,14 +381,16 @@ class ChunkAssembler:
             if self._on_complete is not None:
                 self._on_complete(key)
 
-    def _make_dense(self, key: str, chunk: ChunkLike, pending: _Pending) -> None:
-        """Give `key` its destination, holding what its sparse chunks brought so far."""
+    def _make_dense(self, key: str, chunk: ChunkLike, pending: _Pending) -> torch.Tensor:
+        """Give `key` its destination, holding what its sparse chunks brought
+        so far; returns it, flat."""
         tensor = self._allocate(chunk)
         self._tensors[key] = tensor
-        pending.dest = tensor.view(-1)
+        flat = pending.dest = tensor.view(-1)
         if pending.parts:
-            _joined(pending.shape, pending.parts).densify(pending.dest[: pending.filled])
+            _joined(pending.shape, pending.parts).densify(flat[: pending.filled])
             pending.parts = []
+        return flat
 
     def _read_into_buffer(self, chunk: ChunkLike, count: int) -> torch.Tensor:
         """The dense chunk's `count` elements, in its own dtype, read into a
