@@ -13,7 +13,6 @@ waits for.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import queue
 import sys
@@ -34,7 +33,7 @@ from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unava
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.channel import open_channel, tls_context
 from ps_worker.compression import Compression, Compressor, Payload
-from ps_worker.data_client import PushCall, ServerStub
+from ps_worker.data_client import PushCall, ServerStub, is_loopback
 from ps_worker.pruning import PruningConfig
 from ps_worker.sharding import Piece, TensorInfo, cut_requests, plan_placement
 
@@ -777,16 +776,7 @@ def push_request_bytes(setting: int | None, addresses: Sequence[str]) -> int:
 
 def _over_links(addresses: Sequence[str]) -> bool:
     """Whether any server is reached over a link rather than loopback."""
-    return not all(_is_loopback(_host_of(address)) for address in addresses)
-
-
-def _is_loopback(host: str | None) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name
-        return False
+    return not all(is_loopback(_host_of(address)) for address in addresses)
 
 
 def _host_of(address: str) -> str | None:

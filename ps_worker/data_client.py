@@ -86,6 +86,16 @@ class _SharedReader:
         return rounded.view(torch.uint8).numpy().data
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` (an address, or "localhost") is this host's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return False
+
+
 def crosses_a_link(sock: socket.socket) -> bool:
     """Whether `sock` is TCP to another host, where a link's bandwidth
     rather than this host's cores sets the pace."""
@@ -95,7 +105,7 @@ def crosses_a_link(sock: socket.socket) -> bool:
         peer = sock.getpeername()[0]
     except OSError:  # already reset: the call's first send says so, as a status a retry handles
         return False
-    return not ipaddress.ip_address(peer).is_loopback
+    return not is_loopback(peer)
 
 
 class _Connection:
@@ -249,15 +259,15 @@ class ServerStub:
     def _one_sending_over_a_link(self, connection: _Connection, timeout: float) -> Iterator[None]:
         """A call's turn to send over a link (Push; Init, which precedes them),
         where two pushes sending at once share its bandwidth: each takes twice
-        as long to land, and so do the updates and pulls of its keys. Over emulated 1 Gbit/s links (2 workers, 2
-        servers, 9.4M parameters, 3 runs each taking turns, the slowest
-        worker's median step), fp32 took 410-433 ms a step sending in turns,
-        428-458 ms two at once; with overlap 406-423 against 435-450 (DDP:
-        346). One push at a time, each waiting for its answer, measured about
-        the same here, but idles the link while the server applies a push,
-        which matters where a link is fast (not measurable here: over
-        emulated 10 Gbit/s links the cores set the pace, 129-149 ms a step
-        all three ways)."""
+        as long to land, and so do the updates and pulls of its keys. Over
+        emulated 1 Gbit/s links (2 workers, 2 servers, 9.4M parameters, 3 runs
+        each taking turns, the slowest worker's median step), fp32 took
+        410-433 ms a step sending in turns, 428-458 ms two at once; with
+        overlap 406-423 against 435-450 (DDP: 346). One push at a time, each
+        waiting for its answer, measured about the same here, but idles the
+        link while the server applies a push, which matters where a link is
+        fast (not measurable here: over emulated 10 Gbit/s links the cores set
+        the pace, 129-149 ms a step all three ways)."""
         if not connection.over_link:
             yield
             return
