@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import socket
 import statistics
@@ -42,6 +43,13 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system, all its threads) a process has used so far, from Linux's /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:

@@ -5,7 +5,9 @@ streaming the same bytes between two processes (the transport's own ceiling),
 served from a thread pool as ours is and, for comparison, from grpc.aio.
 Ours goes over loopback TCP against the TCP echo, and over the servers'
 Unix socket (what a worker on their host takes, pulling from their shared
-weights) against a Unix socket echo."""
+weights) against a Unix socket echo. One more row weighs the CPU time
+(client and server processes, user and system) of a push + pull against
+the echo's: on one machine the cores, not the socket, set both paces."""
 
 from __future__ import annotations
 
@@ -14,25 +16,40 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any
 
 import grpc
 import torch
 
-from benchmarks.common import Row, interleaved, median_seconds, process_context, server_processes, wait_for
+from benchmarks.common import (
+    Row,
+    interleaved,
+    median_seconds,
+    process_context,
+    process_cpu_seconds,
+    server_processes,
+    wait_for,
+)
 from ps_common import data_channel
 from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 
 TARGET = 0.7
+# One round trip through a transport, and the pids of the processes doing its work.
+RoundTrip = tuple[Callable[[], None], list[int]]
 
 
-def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
+    """Fill `view` from `sock`; False if the peer closed the connection first."""
     received = 0
     while received < len(view):
-        received += sock.recv_into(view[received:])
+        got = sock.recv_into(view[received:])
+        if not got:
+            return False
+        received += got
+    return True
 
 
 def _pieces(nbytes: int) -> list[int]:
@@ -49,8 +66,9 @@ def _listener(unix: bool) -> socket.socket:
     return listener
 
 
-def _raw_echo(nbytes: int, rounds: int, addresses: Any, unix: bool) -> None:
-    """Take `nbytes` and send them back, `rounds` times, through one reused 4 MiB buffer."""
+def _raw_echo(nbytes: int, addresses: Any, unix: bool) -> None:
+    """Take `nbytes` and send them back, through one reused 4 MiB buffer,
+    until the client leaves."""
     with _listener(unix) as listener:
         addresses.put(listener.getsockname())
         conn, _ = listener.accept()
@@ -58,22 +76,22 @@ def _raw_echo(nbytes: int, rounds: int, addresses: Any, unix: bool) -> None:
             data_channel.tune(conn)  # the send buffer our Unix sockets get
         buffer = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
         with conn:
-            for _ in range(rounds):
-                for size in _pieces(nbytes):
-                    _recv_exactly(conn, buffer[:size])
+            while all(_recv_exactly(conn, buffer[:size]) for size in _pieces(nbytes)):
                 for size in _pieces(nbytes):
                     conn.sendall(buffer[:size])
 
 
-def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False) -> float:
-    """Send `nbytes` to an echo process and read them back: the floor for push +
-    pull. Like ours, in 4 MiB messages through reused buffers, which stay in
-    cache: measured here, that is up to 1.5x faster than one 64 MiB buffer.
+@contextmanager
+def _echo(nbytes: int, unix: bool) -> Iterator[RoundTrip]:
+    """An echo process; yields one round trip of `nbytes` through it, in 4 MiB
+    messages through reused buffers, which stay in cache (measured here, up
+    to 1.5x faster than one 64 MiB buffer), and the pids that do the work.
     `unix`: through a Unix socket instead of loopback TCP."""
     context = process_context()
     addresses = context.Queue()
-    process = context.Process(target=_raw_echo, args=(nbytes, repeats + 1, addresses, unix))
+    process = context.Process(target=_raw_echo, args=(nbytes, addresses, unix))
     process.start()
+    assert process.pid is not None
     payload = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     back = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
     try:
@@ -87,11 +105,18 @@ def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False) -> float:
                 for size in _pieces(nbytes):
                     sock.sendall(payload[:size])
                 for size in _pieces(nbytes):
-                    _recv_exactly(sock, back[:size])
+                    if not _recv_exactly(sock, back[:size]):
+                        raise ConnectionError("the echo process closed the connection")
 
-            return median_seconds(round_trip, repeats)
+            yield round_trip, [os.getpid(), process.pid]
     finally:
         process.join(timeout=30)
+
+
+def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False) -> float:
+    """Send `nbytes` to an echo process and read them back: the floor for push + pull."""
+    with _echo(nbytes, unix) as (round_trip, _):
+        return median_seconds(round_trip, repeats)
 
 
 def _bare_handlers(take: Any, give: Any) -> grpc.GenericRpcHandler:
@@ -175,22 +200,49 @@ def bare_grpc_seconds(nbytes: int, repeats: int, use_aio: bool = False) -> float
         return median_seconds(round_trip, repeats)
 
 
-def ours_seconds(nbytes: int, servers: int, repeats: int, unix: bool = False) -> float:
-    """Push + pull of `nbytes` of weights in BSP (the default mode), over
-    loopback TCP or (`unix`) the servers' Unix sockets, where the pull reads
-    the servers' shared weights."""
+@contextmanager
+def _ours(nbytes: int, servers: int, unix: bool) -> Iterator[RoundTrip]:
+    """Server processes holding `nbytes` of weights; yields one push + pull
+    of them in BSP (the default mode), over loopback TCP or (`unix`) the
+    servers' Unix sockets, where the pull reads the servers' shared weights,
+    and the pids that do the work."""
     weights = torch.nn.Parameter(torch.zeros(nbytes // 4))
     config = ClientConfig(timeout=120, data_socket=unix)
-    with server_processes(servers) as (addresses, _), PSClient(addresses, 0, 1, config) as client:
+    with server_processes(servers) as (addresses, processes), PSClient(addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)])
         weights.grad = torch.ones_like(weights)
-        return median_seconds(opt.step, repeats)
+        yield opt.step, [os.getpid(), *(p.pid for p in processes)]
+
+
+def ours_seconds(nbytes: int, servers: int, repeats: int, unix: bool = False) -> float:
+    with _ours(nbytes, servers, unix) as (step, _):
+        return median_seconds(step, repeats)
+
+
+def cpu_seconds(transfer: AbstractContextManager[RoundTrip], repeats: int) -> float:
+    """CPU seconds (user and system, every process that takes part) per run of `transfer`'s round trip."""
+    with transfer as (round_trip, pids):
+        round_trip()  # warm-up
+        before = sum(process_cpu_seconds(pid) for pid in pids)
+        for _ in range(repeats):
+            round_trip()
+        return (sum(process_cpu_seconds(pid) for pid in pids) - before) / repeats
 
 
 def _row(name: str, nbytes: int, ours: float, baseline: float, target: float = TARGET) -> Row:
     """Seconds for `nbytes` up and back, as GB/s moved."""
     return Row(name=name, ours=round(2 * nbytes / ours / 1e9, 3), baseline=round(2 * nbytes / baseline / 1e9, 3),
                unit="GB/s", ratio=round(baseline / ours, 3), target=target)  # fmt: skip
+
+
+def _cpu_row(mib: int, repeats: int) -> Row:
+    """CPU time per push + pull, one server over loopback TCP, against the
+    echo's: where client and server share the cores, wall time follows it."""
+    nbytes = mib * 2**20
+    ours, echo = cpu_seconds(_ours(nbytes, 1, unix=False), repeats), cpu_seconds(_echo(nbytes, unix=False), repeats)
+    return Row(name=f"wire: push+pull {mib} MiB fp32, 1 server: CPU time of client and server vs raw TCP echo's",
+               ours=round(ours * 1e3, 1), baseline=round(echo * 1e3, 1), unit="CPU ms", ratio=round(echo / ours, 3),
+               target=TARGET)  # fmt: skip
 
 
 def _all_seconds(nbytes: int, repeats: int, rounds: int) -> dict[str, float]:
@@ -224,4 +276,5 @@ def run(quick: bool) -> list[Row]:
         unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket and shared weights (the servers' host)"
         rows.append(_row(f"{unix} vs raw Unix socket echo", nbytes, seconds["unix"], seconds["raw unix"]))
         rows.append(_row(f"{unix} vs loopback TCP", nbytes, seconds["unix"], seconds["1 server(s)"], target=1.0))
+    rows.append(_cpu_row(sizes[0], repeats=30))  # a clock tick is 10 ms: enough runs to add up
     return rows

@@ -5,16 +5,18 @@ asserts a speed: that is what the benchmarks themselves report."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from multiprocessing import forkserver
 
 import pytest
 
 from benchmarks import hosts, training_step, update_rate, wire
-from benchmarks.common import Row, process_context, wait_for
+from benchmarks.common import Row, process_context, process_cpu_seconds, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +43,25 @@ def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
         wire.ours_seconds(SMALL, servers=1, repeats=1, unix=True),
     ]
     assert all(seconds > 0 for seconds in measured)
+    with wire._ours(SMALL, 1, unix=False) as (step, pids):
+        step()
+        assert pids[0] == os.getpid() and len(pids) == 2
+        assert process_cpu_seconds(pids[1]) > 0.5  # the server process, which imported torch
     row = wire._row("half the baseline's time", SMALL, ours=0.5, baseline=1.0)
     assert row.ratio == 2.0 and row.ours == 2 * row.baseline  # GB/s: twice the throughput
+
+
+def test_cpu_seconds_is_the_cpu_time_of_one_run() -> None:
+    @contextmanager
+    def burner() -> Iterator[wire.RoundTrip]:
+        def burn() -> None:
+            until = time.process_time() + 0.1
+            while time.process_time() < until:
+                pass
+
+        yield burn, [os.getpid()]
+
+    assert 0.08 <= wire.cpu_seconds(burner(), repeats=3) < 0.2  # per run
 
 
 @pytest.mark.parametrize("optimizer", list(update_rate.OPTIMIZERS))
