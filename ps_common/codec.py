@@ -280,7 +280,8 @@ class SparseParts:
         return sparse_bytes(self.values.numel(), self.values.element_size())
 
     def densify(self, dest: torch.Tensor) -> torch.Tensor:
-        """Write the whole tensor into `dest` (of `shape`, any float dtype); returns it."""
+        """Write the tensor into `dest` (any float dtype; flat, its whole `shape`
+        or, while a key turns dense, the part received so far); returns it."""
         _scatter(dest.view(-1), self.indices, self.values)
         return dest
 
