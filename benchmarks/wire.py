@@ -1,6 +1,7 @@
 """Push + pull of a whole fp32 model through our servers, against a plain
 socket echoing the same bytes over loopback (from another process, in the
-same 4 MiB messages), and against bare gRPC Python
+same 4 MiB messages, through buffers that stay in cache and, in the full
+run, through model-sized ones), and against bare gRPC Python
 streaming the same bytes between two processes (the transport's own ceiling),
 served from a thread pool as ours is and, for comparison, from grpc.aio.
 Ours goes over loopback TCP against the TCP echo, and over the servers'
@@ -52,9 +53,17 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
-def _pieces(nbytes: int) -> list[int]:
-    """`nbytes` cut as our transfers cut it: 4 MiB messages."""
-    return [min(DEFAULT_CHUNK_BYTES, nbytes - start) for start in range(0, nbytes, DEFAULT_CHUNK_BYTES)]
+def _messages(nbytes: int, model_sized: bool) -> list[memoryview]:
+    """The buffers one side of an echo sends or receives `nbytes` in, 4 MiB
+    messages as our transfers cut them: one reused 4 MiB buffer, which stays
+    in cache, or (`model_sized`) the consecutive pieces of one `nbytes`
+    buffer, as a model's bytes leave and land."""
+    buffer = memoryview(bytearray(nbytes if model_sized else DEFAULT_CHUNK_BYTES))
+    messages = []
+    for start in range(0, nbytes, DEFAULT_CHUNK_BYTES):
+        offset = start if model_sized else 0  # a reused buffer: every message in the same place
+        messages.append(buffer[offset : offset + min(DEFAULT_CHUNK_BYTES, nbytes - start)])
+    return messages
 
 
 def _listener(unix: bool) -> socket.socket:
@@ -66,34 +75,34 @@ def _listener(unix: bool) -> socket.socket:
     return listener
 
 
-def _raw_echo(nbytes: int, addresses: Any, unix: bool) -> None:
-    """Take `nbytes` and send them back, through one reused 4 MiB buffer,
-    until the client leaves."""
+def _raw_echo(nbytes: int, addresses: Any, unix: bool, model_sized: bool) -> None:
+    """Take `nbytes` and send them back (see `_messages`) until the client leaves."""
     with _listener(unix) as listener:
         addresses.put(listener.getsockname())
         conn, _ = listener.accept()
         if unix:
             data_channel.tune(conn)  # the send buffer our Unix sockets get
-        buffer = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
+        messages = _messages(nbytes, model_sized)
         with conn:
-            while all(_recv_exactly(conn, buffer[:size]) for size in _pieces(nbytes)):
-                for size in _pieces(nbytes):
-                    conn.sendall(buffer[:size])
+            while all(_recv_exactly(conn, message) for message in messages):
+                for message in messages:
+                    conn.sendall(message)
 
 
 @contextmanager
-def _echo(nbytes: int, unix: bool) -> Iterator[RoundTrip]:
+def _echo(nbytes: int, unix: bool, model_sized: bool = False) -> Iterator[RoundTrip]:
     """An echo process; yields one round trip of `nbytes` through it, in 4 MiB
-    messages through reused buffers, which stay in cache (measured here, up
-    to 1.5x faster than one 64 MiB buffer), and the pids that do the work.
-    `unix`: through a Unix socket instead of loopback TCP."""
+    messages, and the pids that do the work. By default through reused 4 MiB
+    buffers, which stay in cache (the strictest floor: measured here, up to
+    1.5x faster than one 64 MiB buffer); `model_sized`: from one buffer of
+    `nbytes` into another and back, as a push + pull must, whose model no
+    cache holds. `unix`: through a Unix socket instead of loopback TCP."""
     context = process_context()
     addresses = context.Queue()
-    process = context.Process(target=_raw_echo, args=(nbytes, addresses, unix))
+    process = context.Process(target=_raw_echo, args=(nbytes, addresses, unix, model_sized))
     process.start()
     assert process.pid is not None
-    payload = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
-    back = memoryview(bytearray(DEFAULT_CHUNK_BYTES))
+    payload, back = _messages(nbytes, model_sized), _messages(nbytes, model_sized)
     try:
         address = wait_for(addresses, [process], "the echo's address")
         with socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -102,10 +111,10 @@ def _echo(nbytes: int, unix: bool) -> Iterator[RoundTrip]:
                 data_channel.tune(sock)
 
             def round_trip() -> None:
-                for size in _pieces(nbytes):
-                    sock.sendall(payload[:size])
-                for size in _pieces(nbytes):
-                    if not _recv_exactly(sock, back[:size]):
+                for message in payload:
+                    sock.sendall(message)
+                for message in back:
+                    if not _recv_exactly(sock, message):
                         raise ConnectionError("the echo process closed the connection")
 
             yield round_trip, [os.getpid(), process.pid]
@@ -113,9 +122,9 @@ def _echo(nbytes: int, unix: bool) -> Iterator[RoundTrip]:
         process.join(timeout=30)
 
 
-def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False) -> float:
+def raw_echo_seconds(nbytes: int, repeats: int, unix: bool = False, model_sized: bool = False) -> float:
     """Send `nbytes` to an echo process and read them back: the floor for push + pull."""
-    with _echo(nbytes, unix) as (round_trip, _):
+    with _echo(nbytes, unix, model_sized) as (round_trip, _):
         return median_seconds(round_trip, repeats)
 
 
@@ -245,15 +254,18 @@ def _cpu_row(mib: int, repeats: int) -> Row:
                target=TARGET)  # fmt: skip
 
 
-def _all_seconds(nbytes: int, repeats: int, rounds: int) -> dict[str, float]:
-    return interleaved({
+def _all_seconds(nbytes: int, repeats: int, rounds: int, model_sized_echo: bool) -> dict[str, float]:
+    measures: dict[str, Callable[[], float]] = {
         "raw": lambda: raw_echo_seconds(nbytes, repeats),
         "raw unix": lambda: raw_echo_seconds(nbytes, repeats, unix=True),
         "bare": lambda: bare_grpc_seconds(nbytes, repeats),
         "aio": lambda: bare_grpc_seconds(nbytes, repeats, use_aio=True),
         **{f"{s} server(s)": partial(ours_seconds, nbytes, s, repeats) for s in (1, 2)},
         "unix": partial(ours_seconds, nbytes, 1, repeats, unix=True),
-    }, rounds)  # fmt: skip
+    }
+    if model_sized_echo:
+        measures["raw model-sized"] = partial(raw_echo_seconds, nbytes, repeats, model_sized=True)
+    return interleaved(measures, rounds)
 
 
 def run(quick: bool) -> list[Row]:
@@ -262,7 +274,7 @@ def run(quick: bool) -> list[Row]:
     rows = []
     for mib in sizes:
         nbytes = mib * 2**20
-        seconds = _all_seconds(nbytes, repeats, rounds=1 if quick else 3)
+        seconds = _all_seconds(nbytes, repeats, rounds=1 if quick else 3, model_sized_echo=not quick)
         raw, bare = seconds["raw"], seconds["bare"]
         # Our servers run handlers on a thread pool rather than grpc.aio: this row is why.
         rows.append(_row(f"wire: bare gRPC Python, {mib} MiB up and back, thread-pool server (ours) vs grpc.aio server",
@@ -273,6 +285,9 @@ def run(quick: bool) -> list[Row]:
             ours = seconds[f"{servers} server(s)"]
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo", nbytes, ours, raw))
             rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs bare gRPC", nbytes, ours, bare))
+            if not quick:
+                rows.append(_row(f"wire: push+pull {mib} MiB fp32, {servers} server(s) vs raw TCP echo through "
+                                 "model-sized buffers", nbytes, ours, seconds["raw model-sized"]))  # fmt: skip
         unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket and shared weights (the servers' host)"
         rows.append(_row(f"{unix} vs raw Unix socket echo", nbytes, seconds["unix"], seconds["raw unix"]))
         rows.append(_row(f"{unix} vs loopback TCP", nbytes, seconds["unix"], seconds["1 server(s)"], target=1.0))

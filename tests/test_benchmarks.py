@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks import hosts, training_step, update_rate, wire
 from benchmarks.common import Row, process_context, process_cpu_seconds, wait_for
+from ps_common.codec import DEFAULT_CHUNK_BYTES
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +38,7 @@ def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
     measured = [
         wire.raw_echo_seconds(SMALL, repeats=1),
         wire.raw_echo_seconds(SMALL, repeats=1, unix=True),
+        wire.raw_echo_seconds(SMALL, repeats=1, model_sized=True),
         wire.bare_grpc_seconds(SMALL, repeats=1),
         wire.bare_grpc_seconds(SMALL, repeats=1, use_aio=True),
         wire.ours_seconds(SMALL, servers=2, repeats=1),
@@ -49,6 +51,16 @@ def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
         assert process_cpu_seconds(pids[1]) > 0.5  # the server process, which imported torch
     row = wire._row("half the baseline's time", SMALL, ours=0.5, baseline=1.0)
     assert row.ratio == 2.0 and row.ours == 2 * row.baseline  # GB/s: twice the throughput
+
+
+def test_an_echo_through_model_sized_buffers_moves_each_byte_from_its_own_place() -> None:
+    nbytes = 2 * DEFAULT_CHUNK_BYTES + 10
+    model_sized, cached = wire._messages(nbytes, model_sized=True), wire._messages(nbytes, model_sized=False)
+    assert [len(m) for m in model_sized] == [len(m) for m in cached] == [DEFAULT_CHUNK_BYTES] * 2 + [10]
+    model_sized[1][0] = 1  # the pieces of one buffer, one after another
+    assert model_sized[0].obj is model_sized[2].obj and bytes(model_sized[0].obj)[DEFAULT_CHUNK_BYTES] == 1
+    cached[1][0] = 1  # one reused buffer
+    assert cached[0][0] == cached[2][0] == 1
 
 
 def test_cpu_seconds_is_the_cpu_time_of_one_run() -> None:
