@@ -1,6 +1,6 @@
 import pytest
 
-from ps_worker.sharding import Piece, TensorInfo, bytes_per_server, cut_requests, plan_placement
+from ps_worker.sharding import MIN_PIECE_BYTES, Piece, TensorInfo, bytes_per_server, cut_requests, plan_placement
 
 DOMINATED = [TensorInfo("embedding", 16_000_000, 4), TensorInfo("fc.weight", 4096, 4), TensorInfo("fc.bias", 16, 4)]
 SMALL = [TensorInfo("a", 10, 4), TensorInfo("b", 300, 4), TensorInfo("c", 1, 8)]
@@ -32,6 +32,12 @@ def test_placement_is_deterministic() -> None:
 def test_small_tensors_are_not_split() -> None:
     pieces = plan_placement(SMALL, 2)
     assert [p.key for p in pieces] == ["a", "b", "c"]
+
+
+def test_a_small_model_is_cut_no_finer_than_the_floor() -> None:
+    # 1/16 of this share would be 128 KiB pieces; the floor makes them 1 MiB.
+    pieces = plan_placement([TensorInfo("w", 2 * MIN_PIECE_BYTES // 4, 4)], 1)
+    assert [p.numel * 4 for p in pieces] == [MIN_PIECE_BYTES] * 2
 
 
 def test_pieces_respect_the_maximum_size() -> None:
