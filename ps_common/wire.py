@@ -231,12 +231,27 @@ def _field_of(body: _Body, number: int, wire_type: int) -> bytes:
     raise DecodeError(f"unsupported wire type {wire_type}")
 
 
+# A chunk up to this size is read whole and parsed by protobuf, its data
+# copied out: for a small tensor, parsing field by field in Python costs more
+# than the copy (see _read_chunk).
+_SMALL_CHUNK = 64 * 2**10
+
+
 def _read_chunk(body: _Body, size: int) -> Chunk:
     """A TensorChunk of `size` bytes: its small fields parsed by protobuf,
-    data and indices kept as views (or, data, left in the connection)."""
-    end = body.left - size
-    if end < 0:
+    data and indices kept as views (or, data, left in the connection).
+
+    A small chunk is parsed whole by protobuf instead: one read and one call
+    into its parser, where the field-by-field path makes a dozen reads and
+    as many varints in Python. A push + pull of 160 tensors of 4 KiB (one
+    worker, one server, Unix socket, 2 runs of 3 rounds taking turns): 30.6
+    and 31.9 ms against 37.0 and 37.8; of 16 tensors of 40 KiB, 4.6 and 5.0
+    against 5.4 and 6.6."""
+    if size > body.left:
         raise DecodeError("field runs past the end of the message")
+    if size <= _SMALL_CHUNK:
+        return _chunk_of(pb.TensorChunk.FromString(bytes(body.read(size))), data=None, indices=None)
+    end = body.left - size
     bulk: dict[int, Any] = {}
     meta = bytearray()
     while body.left > end:
@@ -253,11 +268,16 @@ def _read_chunk(body: _Body, size: int) -> Chunk:
             meta += _field_of(body, number, wire_type)
         if body.left < end:
             raise DecodeError("field runs past the end of its chunk")
-    parsed = pb.TensorChunk.FromString(bytes(meta))
+    return _chunk_of(pb.TensorChunk.FromString(bytes(meta)), bulk.get(_DATA, b""), bulk.get(_INDICES, b""))
+
+
+def _chunk_of(parsed: pb.TensorChunk, data: Any, indices: Any) -> Chunk:
+    """`parsed`'s fields as a Chunk, with `data` and `indices` where they
+    were kept apart (None: parsed's own)."""
     return Chunk(
         key=parsed.key, dtype=parsed.dtype, shape=list(parsed.shape), offset=parsed.offset,
-        data=bulk.get(_DATA, b""), absent=parsed.absent, sparse=parsed.sparse,
-        indices=bulk.get(_INDICES, b""), length=parsed.length,
+        data=parsed.data if data is None else data, absent=parsed.absent, sparse=parsed.sparse,
+        indices=parsed.indices if indices is None else indices, length=parsed.length,
         shared=(parsed.shared.offset, parsed.shared.size) if parsed.HasField("shared") else None,
     )  # fmt: skip
 
