@@ -10,6 +10,9 @@ it), and incoming data stays a view of the received bytes until it is
 copied into its destination tensor (or, on the data channel, stays in the
 connection until it is read straight into that tensor): at most two copies
 per side instead of five, none on the data channel beyond the kernel's.
+Chunks of at most 64 KiB are the exception: they are read whole and parsed
+by protobuf, whose copies of so few bytes cost less than parsing them field
+by field in Python.
 
 The bytes are exactly those of the messages in proto/ps.proto, so any
 protobuf client or server interoperates (the tests talk to our server with
