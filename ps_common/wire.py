@@ -253,7 +253,8 @@ def _read_chunk(body: _Body, size: int) -> Chunk:
     if size > body.left:
         raise DecodeError("field runs past the end of the message")
     if size <= _SMALL_CHUNK:
-        return _chunk_of(pb.TensorChunk.FromString(bytes(body.read(size))), data=None, indices=None)
+        whole = pb.TensorChunk.FromString(bytes(body.read(size)))
+        return _chunk_of(whole, whole.data, whole.indices)
     end = body.left - size
     bulk: dict[int, Any] = {}
     meta = bytearray()
@@ -275,12 +276,10 @@ def _read_chunk(body: _Body, size: int) -> Chunk:
 
 
 def _chunk_of(parsed: pb.TensorChunk, data: Any, indices: Any) -> Chunk:
-    """`parsed`'s fields as a Chunk, with `data` and `indices` where they
-    were kept apart (None: parsed's own)."""
+    """`parsed`'s small fields as a Chunk, with `data` and `indices`."""
     return Chunk(
         key=parsed.key, dtype=parsed.dtype, shape=list(parsed.shape), offset=parsed.offset,
-        data=parsed.data if data is None else data, absent=parsed.absent, sparse=parsed.sparse,
-        indices=parsed.indices if indices is None else indices, length=parsed.length,
+        data=data, absent=parsed.absent, sparse=parsed.sparse, indices=indices, length=parsed.length,
         shared=(parsed.shared.offset, parsed.shared.size) if parsed.HasField("shared") else None,
     )  # fmt: skip
 
