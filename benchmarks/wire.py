@@ -215,12 +215,26 @@ def _ours(nbytes: int, servers: int, unix: bool) -> Iterator[RoundTrip]:
     of them in BSP (the default mode), over loopback TCP or (`unix`) the
     servers' Unix sockets, where the pull reads the servers' shared weights,
     and the pids that do the work."""
-    weights = torch.nn.Parameter(torch.zeros(nbytes // 4))
-    config = ClientConfig(timeout=120, data_socket=unix)
+    with _push_pull([nbytes // 4], servers, ClientConfig(timeout=120, data_socket=unix)) as round_trip:
+        yield round_trip
+
+
+@contextmanager
+def _push_pull(numels: list[int], servers: int, config: ClientConfig) -> Iterator[RoundTrip]:
+    """A push + pull of fp32 parameters of `numels` elements, and the pids that do its work."""
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
     with server_processes(servers) as (addresses, processes), PSClient(addresses, 0, 1, config) as client:
-        opt = DistributedOptimizer(torch.optim.SGD([weights], lr=0.0), client, named_parameters=[("w", weights)])
-        weights.grad = torch.ones_like(weights)
+        named = [(f"p{i}", p) for i, p in enumerate(params)] if len(params) > 1 else [("w", params[0])]
+        opt = DistributedOptimizer(torch.optim.SGD(params, lr=0.0), client, named_parameters=named)
+        for param in params:
+            param.grad = torch.ones_like(param)
         yield opt.step, [os.getpid(), *(p.pid for p in processes)]
+
+
+def small_tensors_seconds(count: int, numel: int, fuse_below_bytes: int, repeats: int) -> float:
+    config = ClientConfig(timeout=120, fuse_below_bytes=fuse_below_bytes)
+    with _push_pull([numel] * count, 1, config) as (step, _):
+        return median_seconds(step, repeats)
 
 
 def ours_seconds(nbytes: int, servers: int, repeats: int, unix: bool = False) -> float:
@@ -291,6 +305,22 @@ def run(quick: bool) -> list[Row]:
         unix = f"wire: push+pull {mib} MiB fp32, 1 server, Unix socket and shared weights (the servers' host)"
         rows.append(_row(f"{unix} vs raw Unix socket echo", nbytes, seconds["unix"], seconds["raw unix"]))
         rows.append(_row(f"{unix} vs loopback TCP", nbytes, seconds["unix"], seconds["1 server(s)"], target=1.0))
+    rows.append(_small_tensors_row(256, 1024, repeats=10 if quick else 30, rounds=1 if quick else 3))
     if not quick:
         rows.append(_cpu_row(sizes[0], repeats=30))  # a clock tick is 10 ms: enough runs to add up
     return rows
+
+
+def _small_tensors_row(count: int, numel: int, repeats: int, rounds: int) -> Row:
+    """A model's biases and norms: many tensors, a few bytes each."""
+    seconds = interleaved(
+        {
+            "fused": partial(small_tensors_seconds, count, numel, ClientConfig().fuse_below_bytes, repeats),
+            "apart": partial(small_tensors_seconds, count, numel, 0, repeats),
+        },
+        rounds,
+    )
+    fused, apart = seconds["fused"], seconds["apart"]
+    return Row(name=f"wire: push+pull of {count} tensors of {numel * 4 // 1024} KiB, 1 server: fused into shared "
+               "keys (the default) vs a key each", ours=round(fused * 1e3, 2), baseline=round(apart * 1e3, 2),
+               unit="ms", ratio=round(apart / fused, 3), target=1.0)  # fmt: skip

@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 
 import grpc
 import torch
+from torch._utils import _flatten_dense_tensors
 
 from ps_common import PROTOCOL_VERSION, codec, wire
 from ps_common.config import setting
@@ -59,6 +60,11 @@ class ClientConfig:
     )
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+    fuse_below_bytes: int = setting(
+        256 * 1024,
+        "parameters smaller than this share keys, laid end to end (0: each its own key); fused parameters "
+        "must get their gradients in the same steps, as torch.optim would otherwise update them apart",
+    )
     push_request_bytes: int | None = setting(
         None,
         "most gradient bytes in one push request: a server applies each request as it lands, all or nothing; "
@@ -150,20 +156,43 @@ class PSClient:
         if staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {staleness}")
         self._mode = mode
-        tensors = [TensorInfo(n, p.numel(), p.element_size()) for n, p in named_parameters]
-        self.prunable = {n for n, p in named_parameters if pruning is not None and pruning.prunable(n, p)}
-        placement = plan_placement(tensors, len(self.addresses), self.config.max_piece_bytes)
-        self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
-        self._pieces_of = {t.name: [p for p in placement if p.name == t.name] for t in tensors}
-        self._compressor = Compressor(compression)
-        self._pull_as = self._compressor.pull_dtype
-        self._optimizer = optimizer
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         params = dict(named_parameters)
         for name, param in named_parameters:
             if id(param) not in group_of:
                 raise ValueError(f"parameter {name!r} is not in the optimizer's param groups")
+        self.prunable = {n for n, p in named_parameters if pruning is not None and pruning.prunable(n, p)}
+
+        def fuses_with(name: str, param: torch.Tensor) -> tuple[str, int] | None:
+            # A frozen parameter never has a gradient; a pruned one is pruned by the server per key.
+            frozen = isinstance(param, torch.nn.Parameter) and not param.requires_grad
+            return None if frozen or name in self.prunable else (str(param.dtype), group_of[id(param)])
+
+        tensors = [TensorInfo(n, p.numel(), p.element_size(), fuses_with(n, p)) for n, p in named_parameters]
+        placement = plan_placement(
+            tensors, len(self.addresses), self.config.max_piece_bytes, self.config.fuse_below_bytes
+        )
+        self._pieces = [[p for p in placement if p.server == s] for s in range(len(self.addresses))]
+        self._pieces_of = {t.name: [p for p in placement if t.name in p.names] for t in tensors}
+        self._numel = {t.name: t.numel for t in tensors}
+        self._compressor = Compressor(compression)
+        self._pull_as = self._compressor.pull_dtype
+        self._optimizer = optimizer
         optimizer_spec = pb.OptimizerSpec(name=type(optimizer).__name__, groups=self._group_options())
+
+        def key_spec(piece: Piece) -> pb.KeySpec:
+            first = params[piece.parts[0].name]
+            spec = pb.KeySpec(
+                key=piece.key, dtype=codec.dtype_to_proto(first.dtype), shape=[piece.numel], group=group_of[id(first)]
+            )
+            if piece.fused:
+                spec.parts.extend(pb.KeyPart(tensor=n, tensor_shape=list(params[n].shape)) for n in piece.names)
+            else:
+                part = piece.parts[0]
+                spec.tensor, spec.offset, spec.prunable = part.name, part.start, part.name in self.prunable
+                spec.tensor_shape.extend(first.shape)
+            return spec
+
         jobs = [
             pb.JobSpec(
                 mode=_MODES[mode],
@@ -172,19 +201,7 @@ class PSClient:
                 scale_lr_by_staleness=scale_lr_by_staleness,
                 optimizer=optimizer_spec,
                 pruning=pruning.to_proto() if pruning else None,
-                keys=[
-                    pb.KeySpec(
-                        key=p.key,
-                        dtype=codec.dtype_to_proto(params[p.name].dtype),
-                        shape=[p.numel],
-                        group=group_of[id(params[p.name])],
-                        tensor=p.name,
-                        tensor_shape=list(params[p.name].shape),
-                        offset=p.start,
-                        prunable=p.name in self.prunable,
-                    )
-                    for p in pieces
-                ],
+                keys=[key_spec(p) for p in pieces],
             )
             for pieces in self._pieces
         ]
@@ -192,10 +209,10 @@ class PSClient:
         def init_server(server: int) -> int:
             hello = self._wait_for_server(server, initialized=self.worker_id != 0)
             if self.worker_id == 0:
-                flat = {name: _flat(tensor.detach().cpu(), name) for name, tensor in named_parameters}
-                values = {p.key: Payload(flat[p.name][p.start : p.stop]) for p in self._pieces[server]}
+                values = {name: _checked(tensor.detach().cpu(), name) for name, tensor in named_parameters}
+                payloads = {p.key: Payload(_gather(p, values)) for p in self._pieces[server]}
                 header = pb.InitHeader(protocol_version=PROTOCOL_VERSION, worker_id=self.worker_id, job=jobs[server])
-                stream = self._messages(header, self._pieces[server], values)
+                stream = self._messages(header, self._pieces[server], payloads)
                 self._call(server, lambda stub: stub.init(stream, timeout=self.config.timeout))
             elif hello.job != jobs[server]:
                 raise FailedPrecondition(
@@ -236,11 +253,10 @@ class PSClient:
         missing = set(self._pieces_of) - set(grads)
         if missing:
             raise InvalidArgument(f"push has no entry for parameters {sorted(missing)}")
-        for name, grad in grads.items():
-            _check_finite(name, grad, step)
-        payloads: dict[str, Payload | None] = {}
-        for name, grad in grads.items():
-            payloads.update(self._encode(name, grad))
+        checked = {name: self._checked_grad(name, grad) for name, grad in grads.items()}
+        # Every gradient is checked before any is encoded: top-k's residuals change as it encodes.
+        gathered = {p.key: self._gathered(p, checked, step) for pieces in self._pieces for p in pieces}
+        payloads = {key: None if g is None else self._compressor.encode(key, g) for key, g in gathered.items()}
         self._last_push = (self._push_header(step, prune_thresholds), payloads)
 
     def _send_push(self, step: int) -> None:
@@ -258,17 +274,34 @@ class PSClient:
             worker_id=self.worker_id, step=step, groups=self._group_options(), prune_thresholds=prune_thresholds
         )
 
-    def _encode(self, name: str, grad: torch.Tensor | None) -> dict[str, Payload | None]:
-        """Payloads of parameter `name`'s pieces (compressed as the job says), by piece key."""
-        pieces = self._pieces_of.get(name)
-        if pieces is None:
+    def _checked_grad(self, name: str, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """`grad`, once checked to fit parameter `name`."""
+        if name not in self._numel:
             raise InvalidArgument(f"push of unknown parameter {name!r}")
-        if grad is None:
-            return {piece.key: None for piece in pieces}
-        flat = _flat(grad, name)
-        if flat.numel() != pieces[-1].stop:
-            raise InvalidArgument(f"gradient of {name!r} has {flat.numel()} elements, expected {pieces[-1].stop}")
-        return {p.key: self._compressor.encode(p.key, flat[p.start : p.stop]) for p in pieces}
+        if grad is not None and _checked(grad, name).numel() != self._numel[name]:
+            raise InvalidArgument(f"gradient of {name!r} has {grad.numel()} elements, expected {self._numel[name]}")
+        return grad
+
+    def _gathered(self, piece: Piece, grads: Mapping[str, torch.Tensor | None], step: int) -> torch.Tensor | None:
+        """The gradient of `piece` (flat, uncompressed) from the checked gradients
+        by name; None: absent. Raises for NaN or Inf, or for a fused key some of
+        whose parameters have no gradient."""
+        absent = [name for name in piece.names if grads[name] is None]
+        if len(absent) == len(piece.parts):
+            return None
+        if absent:
+            raise InvalidArgument(
+                f"push of step {step} has gradients for some of the parameters fused into key {piece.key!r} "
+                f"but none for {absent}; fused parameters are updated together, so give them gradients in the "
+                "same steps, or do not fuse them (fuse_below_bytes=0, --fuse-below-bytes 0)"
+            )
+        gathered = _gather(piece, grads)  # type: ignore[arg-type]  # none absent
+        if not codec.all_finite(gathered):
+            bad = [name for name in piece.names if not codec.all_finite(grads[name])]  # type: ignore[arg-type]
+            raise InvalidArgument(
+                f"gradient of {bad[0]!r} contains NaN or Inf; nothing of the push of step {step} was applied"
+            )
+        return gathered
 
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
@@ -403,36 +436,53 @@ class PSClient:
         unless `full_precision` (to read the final model exactly).
         """
         half = None if full_precision else self._pull_as
-        flat = {name: _flat(t, name) for name, t in into.items()}
+        for name, tensor in into.items():
+            _checked(tensor, name)
         # By piece key, not a count: an attempt cut off midway is repeated whole.
-        missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in flat}
+        missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in into}
         counting = threading.Lock()
 
         def arrived(piece: Piece) -> None:
+            whole = []
             with counting:
-                missing = missing_pieces[piece.name]
-                whole = piece.key in missing and len(missing) == 1
-                missing.discard(piece.key)
-            if whole and on_arrival is not None:
-                on_arrival(piece.name)
+                for name in piece.names:
+                    missing = missing_pieces.get(name, set())
+                    if piece.key in missing and len(missing) == 1:
+                        whole.append(name)
+                    missing.discard(piece.key)
+            if on_arrival is not None:
+                for name in whole:
+                    on_arrival(name)
 
         def pull_server(server: int) -> None:
             pieces = {p.key: p for p in self._pieces[server]}
+            fused: dict[str, torch.Tensor] = {}  # what fused keys are received into, then copied out of
 
             def destination(chunk: codec.ChunkLike) -> torch.Tensor:
                 piece = pieces.get(chunk.key)
                 if piece is None:
                     raise InvalidArgument(f"{self.addresses[server]} sent unknown key {chunk.key!r}")
-                dest = flat[piece.name][piece.start : piece.stop]
-                expected = codec.dtype_to_proto(codec.wire_dtype(dest.dtype, half))
+                dtype = into[piece.parts[0].name].dtype
+                expected = codec.dtype_to_proto(codec.wire_dtype(dtype, half))
                 if chunk.dtype != expected or list(chunk.shape) != [piece.numel]:
                     raise InvalidArgument(
                         f"{self.addresses[server]} sent key {chunk.key!r} with another dtype or shape"
                     )
-                return dest
+                if piece.fused:
+                    return fused.setdefault(piece.key, torch.empty(piece.numel, dtype=dtype))
+                part = piece.parts[0]
+                return _flat(into[part.name])[part.start : part.stop]
+
+            def complete(key: str) -> None:
+                piece = pieces[key]
+                if piece.fused:
+                    _scatter(piece, fused[key], into)
+                arrived(piece)
 
             dense_bytes = sum(
-                p.numel * codec.wire_dtype(flat[p.name].dtype, half).itemsize for p in pieces.values() if p.name in flat
+                p.numel * codec.wire_dtype(into[p.parts[0].name].dtype, half).itemsize
+                for p in pieces.values()
+                if p.parts[0].name in into
             )
             fits_one_message = dense_bytes <= codec.DEFAULT_CHUNK_BYTES  # what PullOne answers at most
             request = pb.PullRequest(
@@ -446,7 +496,7 @@ class PSClient:
 
             def attempt(stub: ServerStub) -> None:
                 responses = stub.pull(request, timeout=deadline, one_message=fits_one_message)
-                codec.receive(responses, destination, lambda key: arrived(pieces[key]))
+                codec.receive(responses, destination, complete)
 
             server_was_down = False
 
@@ -470,16 +520,16 @@ class PSClient:
     def pull_masks(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The pruning masks (True = kept) of the prunable parameters among `shapes`."""
         masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items() if name in self.prunable}
-        flat = {name: mask.view(-1) for name, mask in masks.items()}
 
         def pull_server(server: int) -> None:
             pieces = {p.key: p for p in self._pieces[server]}
 
             def destination(chunk: codec.ChunkLike) -> torch.Tensor:
                 piece = pieces.get(chunk.key)
-                if piece is None or piece.name not in flat or chunk.dtype != pb.BOOL:
+                if piece is None or piece.fused or piece.parts[0].name not in masks or chunk.dtype != pb.BOOL:
                     raise InvalidArgument(f"{self.addresses[server]} sent an unexpected mask for {chunk.key!r}")
-                return flat[piece.name][piece.start : piece.stop]
+                part = piece.parts[0]
+                return masks[part.name].view(-1)[part.start : part.stop]
 
             request = pb.PullRequest(worker_id=self.worker_id, masks=True)
             self._call(server, lambda stub: codec.receive(stub.pull(request, self.config.timeout), destination))
@@ -635,6 +685,7 @@ class PushStream:
         self._client = client
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
+        self._grads: dict[str, torch.Tensor | None] = {}  # flat, by parameter name: those added
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
         self._ended = threading.Event()  # sealed or cancelled: a full first request may end
         # Where the next pull goes with the push, a held request holds back
@@ -654,17 +705,21 @@ class PushStream:
         gradient). One with NaN or Inf abandons the push (`finish` raises)."""
         if self._refused is not None:
             return
-        pieces = self._client._pieces_of.get(name, [])
-        if pieces and pieces[0].key in self._payloads:
+        if name in self._grads:
             raise InvalidArgument(f"gradient of {name!r} given twice in the push of step {self._header.step}")
+        client, step = self._client, self._header.step
+        self._grads[name] = client._checked_grad(name, grad)  # raises for an unknown name
+        # A fused key goes once the last of its parameters is added.
+        ready = [p for p in client._pieces_of[name] if all(n in self._grads for n in p.names)]
         try:
-            _check_finite(name, grad, self._header.step)
+            for piece in ready:
+                gathered = client._gathered(piece, self._grads, step)
+                self._payloads[piece.key] = None if gathered is None else client._compressor.encode(piece.key, gathered)
         except InvalidArgument as exc:
             self._refused = exc
             self.cancel()
             return
-        self._payloads.update(self._client._encode(name, grad))  # raises for an unknown name
-        for piece in pieces:
+        for piece in ready:
             self._queues[piece.server].put(piece)
 
     def seal(self) -> None:
@@ -675,7 +730,7 @@ class PushStream:
             return
         client = self._client
         for name in client._pieces_of:
-            if client._pieces_of[name][0].key not in self._payloads:
+            if name not in self._grads:
                 self.add(name, None)
         if self._refused is not None:
             raise self._refused
@@ -748,11 +803,23 @@ class PushStream:
                 return
 
 
-def _check_finite(name: str, grad: torch.Tensor | None, step: int) -> None:
-    if grad is not None and not codec.all_finite(grad):
-        raise InvalidArgument(
-            f"gradient of {name!r} contains NaN or Inf; nothing of the push of step {step} was applied"
-        )
+def _gather(piece: Piece, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The elements of `piece` from the tensors by parameter name: a view of
+    one parameter's, or a fused key's parameters end to end (a copy)."""
+    if not piece.fused:
+        part = piece.parts[0]
+        return _flat(tensors[part.name])[part.start : part.stop]
+    # One call for all: half the time of concatenating their flat views.
+    with torch.no_grad():
+        gathered: torch.Tensor = _flatten_dense_tensors([tensors[name] for name in piece.names])  # type: ignore[no-untyped-call]
+    return gathered
+
+
+def _scatter(piece: Piece, elements: torch.Tensor, into: Mapping[str, torch.Tensor]) -> None:
+    """Copy a fused key's `elements` into those of its parameters in `into`."""
+    for name, values in zip(piece.names, torch.split(elements, [part.numel for part in piece.parts]), strict=True):
+        if name in into:
+            _flat(into[name]).copy_(values)
 
 
 def pulls_while_pushing(setting: bool | None, addresses: Sequence[str]) -> bool:
@@ -788,11 +855,20 @@ def _host_of(address: str) -> str | None:
     return host.strip("[]")
 
 
-def _flat(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    if tensor.device.type != "cpu":
+def _checked(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """`tensor`, once checked to be one PSClient can read and write in place."""
+    if not tensor.is_cpu:
         raise InvalidArgument(
             f"{name!r} is on {tensor.device}; PSClient moves CPU tensors (stage device tensors first)"
         )
     if not tensor.is_contiguous():
         raise InvalidArgument(f"{name!r} is not contiguous")
-    return tensor.detach().view(-1)
+    return tensor
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat view of a checked tensor, detached from autograd. A 1-D tensor is
+    its own: a view costs 2 us, which every small tensor pays on every step."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor if tensor.dim() == 1 else tensor.view(-1)

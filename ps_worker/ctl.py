@@ -8,6 +8,7 @@ ps-ctl export --servers a,b --out DIR     the whole model as a state_dict (safet
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -80,19 +81,37 @@ def _pull_whole(
     masks: bool,
     timeout: float,
 ) -> None:
-    """Pull a server's ranges into the whole tensors they belong to."""
+    """Pull a server's keys into the whole tensors they belong to."""
+    fused: dict[str, torch.Tensor] = {}  # received whole, then copied into their parameters
 
     def destination(chunk: codec.ChunkLike) -> torch.Tensor:
         spec = specs[chunk.key]
+        if spec.parts:
+            return fused.setdefault(chunk.key, codec.new_tensor_for(chunk))
         if spec.tensor not in whole:  # only masks are created here: parameters without one stay unmasked
             whole[spec.tensor] = torch.ones(tuple(spec.tensor_shape), dtype=torch.bool)
         return whole[spec.tensor].view(-1)[spec.offset : spec.offset + spec.shape[0]]
 
-    codec.receive(stub.Pull(pb.PullRequest(worker_id=0, step=0, masks=masks), timeout=timeout), destination)
+    def complete(key: str) -> None:
+        if key in fused:
+            parts = specs[key].parts
+            sizes = [math.prod(p.tensor_shape) for p in parts]
+            for part, values in zip(parts, torch.split(fused.pop(key), sizes), strict=True):
+                whole[part.tensor].view(-1).copy_(values)
+
+    request = pb.PullRequest(worker_id=0, step=0, masks=masks)
+    codec.receive(stub.Pull(request, timeout=timeout), destination, complete)
+
+
+def _parameters_of(spec: pb.KeySpec) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters a key holds elements of, with their shapes."""
+    if spec.parts:
+        return [(p.tensor, tuple(p.tensor_shape)) for p in spec.parts]
+    return [(spec.tensor, tuple(spec.tensor_shape))]
 
 
 def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> ExportedModel:
-    """Reassemble every parameter (and pruning mask) from the servers' ranges."""
+    """Reassemble every parameter (and pruning mask) from the servers' keys."""
     weights: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     for address in addresses:
@@ -104,7 +123,8 @@ def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> Expor
             specs = {k.key: k for k in stats.job.keys}
             for spec in specs.values():
                 dtype = codec.dtype_from_proto(spec.dtype)
-                weights.setdefault(spec.tensor, torch.empty(tuple(spec.tensor_shape), dtype=dtype))
+                for name, shape in _parameters_of(spec):
+                    weights.setdefault(name, torch.empty(shape, dtype=dtype))
             _pull_whole(stub, specs, weights, masks=False, timeout=client.timeout)
             _pull_whole(stub, specs, masks, masks=True, timeout=client.timeout)
     return ExportedModel(weights, masks)

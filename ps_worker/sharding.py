@@ -6,13 +6,19 @@ server count, so nobody has to ask. Each tensor is cut into contiguous
 element ranges ("pieces") of at most `max_piece_bytes`, small relative to a
 server's share, and pieces go to the least-loaded server, largest first.
 A model dominated by one big tensor is thereby spread evenly too.
+
+Small tensors go the other way: those that may (`TensorInfo.fuses_with`)
+are laid end to end into one key, as Horovod and BytePS fuse them, since
+every key costs a fraction of a millisecond of Python on both sides of each
+push and pull, whatever its size.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from ps_common.codec import DEFAULT_CHUNK_BYTES
 
@@ -33,6 +39,9 @@ class TensorInfo:
     name: str
     numel: int
     itemsize: int
+    # Tensors with equal, non-None values may share a key (same dtype, same
+    # optimizer hyperparameters, updated together); None: a key of its own.
+    fuses_with: Hashable = None
 
     @property
     def nbytes(self) -> int:
@@ -40,12 +49,10 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Elements [start, stop) of the flattened parameter `name`, on `server`."""
+class Part:
+    """Elements [start, stop) of the flattened parameter `name`."""
 
-    key: str
     name: str
-    server: int
     start: int
     stop: int
 
@@ -54,44 +61,106 @@ class Piece:
         return self.stop - self.start
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A key on `server`: its elements are `parts` end to end, in order
+    (one range of one parameter, or several whole small parameters)."""
+
+    key: str
+    server: int
+    parts: tuple[Part, ...]
+
+    # Cached: a push and a pull ask for every piece's, and a fused key may have hundreds of parts.
+    @cached_property
+    def numel(self) -> int:
+        return sum(part.numel for part in self.parts)
+
+    @cached_property
+    def names(self) -> list[str]:
+        return [part.name for part in self.parts]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.parts) > 1
+
+
 def piece_bytes_for(total_bytes: int, num_servers: int, max_piece_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     share = math.ceil(total_bytes / (num_servers * PIECES_PER_SERVER))
     return max(1, min(max_piece_bytes, max(MIN_PIECE_BYTES, share)))
 
 
 def plan_placement(
-    tensors: Sequence[TensorInfo], num_servers: int, max_piece_bytes: int = DEFAULT_CHUNK_BYTES
+    tensors: Sequence[TensorInfo],
+    num_servers: int,
+    max_piece_bytes: int = DEFAULT_CHUNK_BYTES,
+    fuse_below_bytes: int = 0,
 ) -> list[Piece]:
-    """Deterministic placement of `tensors` on `num_servers` servers, in tensor order."""
+    """Deterministic placement of `tensors` on `num_servers` servers, in
+    tensor order; tensors under `fuse_below_bytes` are fused as they allow."""
     if num_servers < 1:
         raise ValueError(f"need at least one server, got {num_servers}")
     names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise ValueError("parameter names must be unique")
     piece_bytes = piece_bytes_for(sum(t.nbytes for t in tensors), num_servers, max_piece_bytes)
-    pieces: list[tuple[TensorInfo, int, int]] = []
+    fused = _fuse(tensors, fuse_below_bytes, piece_bytes, num_servers)
+    pieces: list[tuple[Part, ...]] = []
     for tensor in tensors:
+        if tensor.name in fused:
+            pieces += [fused[tensor.name]] if fused[tensor.name][0].name == tensor.name else []
+            continue
         count = max(1, math.ceil(tensor.nbytes / piece_bytes))
         bounds = [tensor.numel * i // count for i in range(count + 1)]
-        pieces += [(tensor, bounds[i], bounds[i + 1]) for i in range(count)]
-    order = sorted(range(len(pieces)), key=lambda i: (-(pieces[i][2] - pieces[i][1]) * pieces[i][0].itemsize, i))
+        pieces += [(Part(tensor.name, bounds[i], bounds[i + 1]),) for i in range(count)]
+    itemsize = {t.name: t.itemsize for t in tensors}
+    size = [sum(part.numel * itemsize[part.name] for part in parts) for parts in pieces]
     load = [0] * num_servers
     server_of = [0] * len(pieces)
-    for index in order:
-        tensor, start, stop = pieces[index]
+    for index in sorted(range(len(pieces)), key=lambda i: (-size[i], i)):
         server = min(range(num_servers), key=lambda s: (load[s], s))
         server_of[index] = server
-        load[server] += (stop - start) * tensor.itemsize
-    return [
-        Piece(
-            key=tensor.name if (start, stop) == (0, tensor.numel) else f"{tensor.name}[{start}:{stop}]",
-            name=tensor.name,
-            server=server_of[i],
-            start=start,
-            stop=stop,
-        )
-        for i, (tensor, start, stop) in enumerate(pieces)
-    ]
+        load[server] += size[index]
+    numel = {t.name: t.numel for t in tensors}
+    placement = [Piece(_key(parts, numel), server_of[i], parts) for i, parts in enumerate(pieces)]
+    if len({p.key for p in placement}) != len(placement):
+        raise ValueError("a parameter's name equals the key of another one's piece or fused key; rename it")
+    return placement
+
+
+def _fuse(
+    tensors: Sequence[TensorInfo], below_bytes: int, piece_bytes: int, num_servers: int
+) -> dict[str, tuple[Part, ...]]:
+    """The fused keys, as their parts by the name of each member: in tensor
+    order, tensors that may fuse fill keys of at most `piece_bytes`, and of
+    no more than an even share of them per server, so that a small model
+    still keeps every server busy. A key left with one member is no key."""
+    small = [t for t in tensors if t.fuses_with is not None and t.nbytes < below_bytes]
+    groups: dict[Hashable, list[TensorInfo]] = {}
+    for tensor in small:
+        groups.setdefault(tensor.fuses_with, []).append(tensor)
+    fused: dict[str, tuple[Part, ...]] = {}
+    for members in groups.values():
+        limit = min(piece_bytes, math.ceil(sum(t.nbytes for t in members) / num_servers))
+        keys: list[list[TensorInfo]] = [[]]
+        size = 0
+        for tensor in members:
+            if keys[-1] and size + tensor.nbytes > limit:
+                keys.append([])
+                size = 0
+            keys[-1].append(tensor)
+            size += tensor.nbytes
+        for key in keys:
+            if len(key) > 1:
+                parts = tuple(Part(t.name, 0, t.numel) for t in key)
+                fused.update((t.name, parts) for t in key)
+    return fused
+
+
+def _key(parts: tuple[Part, ...], numel: Mapping[str, int]) -> str:
+    if len(parts) > 1:
+        return f"{parts[0].name}+{len(parts) - 1}"  # a tensor is in one key only: its first names it
+    part = parts[0]
+    return part.name if (part.start, part.stop) == (0, numel[part.name]) else f"{part.name}[{part.start}:{part.stop}]"
 
 
 def cut_requests(pieces: Sequence[Piece], sizes: Mapping[str, int], limit: int) -> list[list[Piece]]:
@@ -113,5 +182,5 @@ def bytes_per_server(pieces: Sequence[Piece], tensors: Sequence[TensorInfo], num
     itemsize = {t.name: t.itemsize for t in tensors}
     load = [0] * num_servers
     for piece in pieces:
-        load[piece.server] += piece.numel * itemsize[piece.name]
+        load[piece.server] += sum(part.numel * itemsize[part.name] for part in piece.parts)
     return load

@@ -181,6 +181,8 @@ def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> 
     before = _snapshot(shard)
     reshaped = copy.deepcopy(shard.job)
     reshaped.keys[0].shape[0] += 1
+    if reshaped.keys[0].parts:  # fused: its parameters' sizes add up to its own
+        reshaped.keys[0].parts.add(tensor="extra", tensor_shape=[1])
     other_optimizer = copy.deepcopy(shard.job)
     other_optimizer.optimizer.name = "SGD"
     for job in (reshaped, other_optimizer):
@@ -218,6 +220,7 @@ def test_requests_before_init_fail_with_failed_precondition() -> None:
         (lambda j: j.optimizer.groups[0].options["lr"].CopyFrom(pb.Value(number=-1.0)), "refused its hyperparameters"),
         (lambda j: setattr(j, "num_workers", 0), "at least one worker"),
         (lambda j: setattr(j.keys[0], "group", 5), "param group"),
+        (lambda j: j.keys[0].parts.add(tensor="a", tensor_shape=[2]), "do not add up"),
     ],
 )
 def test_invalid_job_is_refused_and_leaves_the_server_uninitialized(job_change, message) -> None:  # type: ignore[no-untyped-def]

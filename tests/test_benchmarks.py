@@ -43,6 +43,7 @@ def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
         wire.bare_grpc_seconds(SMALL, repeats=1, use_aio=True),
         wire.ours_seconds(SMALL, servers=2, repeats=1),
         wire.ours_seconds(SMALL, servers=1, repeats=1, unix=True),
+        wire.small_tensors_seconds(8, 16, fuse_below_bytes=2**10, repeats=1),
     ]
     assert all(seconds > 0 for seconds in measured)
     with wire._ours(SMALL, 1, unix=False) as (step, pids):

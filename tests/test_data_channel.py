@@ -124,10 +124,9 @@ def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypat
     config = dataclasses.replace(SPLITTING, data_socket=False)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
-        payloads = {}
-        for name, param in model.named_parameters():
-            payloads.update(client._encode(name, torch.zeros_like(param)))
-        frames = list(client._messages(client._push_header(0, None), client._pieces[0], payloads))
+        client._prepare_push({name: torch.zeros_like(p) for name, p in model.named_parameters()}, 0, None)
+        header, payloads = client._last_push  # type: ignore[misc]
+        frames = list(client._messages(header, client._pieces[0], payloads))
         first_sending, first_may_end, second_started = threading.Event(), threading.Event(), threading.Event()
 
         def first() -> Iterator[wire.Frame]:

@@ -123,7 +123,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ...) -> None: ...
 
 class KeySpec(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "group", "tensor", "prunable", "tensor_shape", "offset")
+    __slots__ = ("key", "dtype", "shape", "group", "tensor", "prunable", "tensor_shape", "offset", "parts")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class KeySpec(_message.Message):
     PRUNABLE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     key: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -140,7 +141,16 @@ class KeySpec(_message.Message):
     prunable: bool
     tensor_shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
-    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ..., tensor: _Optional[str] = ..., prunable: _Optional[bool] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+    parts: _containers.RepeatedCompositeFieldContainer[KeyPart]
+    def __init__(self, key: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., group: _Optional[int] = ..., tensor: _Optional[str] = ..., prunable: _Optional[bool] = ..., tensor_shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., parts: _Optional[_Iterable[_Union[KeyPart, _Mapping]]] = ...) -> None: ...
+
+class KeyPart(_message.Message):
+    __slots__ = ("tensor", "tensor_shape")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    tensor_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tensor: _Optional[str] = ..., tensor_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PruningSpec(_message.Message):
     __slots__ = ("initial_sparsity", "final_sparsity", "begin_step", "end_step", "frequency")
