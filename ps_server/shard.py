@@ -451,7 +451,7 @@ class Shard:
         if worker_id != 0 or not job.HasField("pruning"):
             raise InvalidArgument("only worker 0 of a job with pruning sends pruning thresholds")
         prunable = {s.spec.tensor for s in self.slots.values() if s.spec.prunable}
-        held = {s.spec.tensor for s in self.slots.values()}
+        held = {p.tensor for s in self.slots.values() for p in s.spec.parts or [s.spec]}
         for name, threshold in thresholds.items():
             if name in held and name not in prunable:
                 raise InvalidArgument(f"parameter {name!r} is not prunable")

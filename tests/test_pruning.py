@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from ps_common.errors import InvalidArgument
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.export import ExportedModel, apply_masks, export_model
@@ -147,3 +148,16 @@ def test_only_worker_zero_sends_thresholds() -> None:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Push(iter([pb.PushRequest(header=header)]), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only worker 0" in info.value.details()
+
+
+def test_a_threshold_for_a_parameter_not_pruned_is_refused_though_it_shares_a_fused_key() -> None:
+    net = model()
+    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
+        DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), client,
+                             named_parameters=net.named_parameters(), pruning=SCHEDULE)  # fmt: skip
+        assert any(p.fused and "0.bias" in p.names for p in client._pieces[0])  # noqa: SLF001
+        before = cluster.servers[0].shard.stats()
+        grads = {n: torch.ones_like(p) for n, p in net.named_parameters()}
+        with pytest.raises(InvalidArgument, match="'0.bias' is not prunable"):
+            client.push(grads, 0, prune_thresholds={"0.bias": 0.5})
+        assert cluster.servers[0].shard.stats().keys == before.keys  # nothing applied
