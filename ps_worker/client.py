@@ -256,7 +256,7 @@ class PSClient:
         checked = {name: self._checked_grad(name, grad) for name, grad in grads.items()}
         # Every gradient is checked before any is encoded: top-k's residuals change as it encodes.
         gathered = {p.key: self._gathered(p, checked, step) for pieces in self._pieces for p in pieces}
-        payloads = {key: None if g is None else self._compressor.encode(key, g) for key, g in gathered.items()}
+        payloads = {p.key: self._compress(p, gathered[p.key]) for pieces in self._pieces for p in pieces}
         self._last_push = (self._push_header(step, prune_thresholds), payloads)
 
     def _send_push(self, step: int) -> None:
@@ -302,6 +302,12 @@ class PSClient:
                 f"gradient of {bad[0]!r} contains NaN or Inf; nothing of the push of step {step} was applied"
             )
         return gathered
+
+    def _compress(self, piece: Piece, gathered: torch.Tensor | None) -> Payload | None:
+        """What travels of a piece's gathered gradient (None: absent), as the job's compression says."""
+        if gathered is None:
+            return None
+        return self._compressor.encode(piece.key, gathered, [p.numel for p in piece.parts] if piece.fused else ())
 
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
@@ -713,8 +719,7 @@ class PushStream:
         ready = [p for p in client._pieces_of[name] if all(n in self._grads for n in p.names)]
         try:
             for piece in ready:
-                gathered = client._gathered(piece, self._grads, step)
-                self._payloads[piece.key] = None if gathered is None else client._compressor.encode(piece.key, gathered)
+                self._payloads[piece.key] = client._compress(piece, client._gathered(piece, self._grads, step))
         except InvalidArgument as exc:
             self._refused = exc
             self.cancel()

@@ -5,7 +5,8 @@
   bf16 keeps fp32's range; fp16 keeps more mantissa but overflows above
   65504, and a push with an overflowed gradient is rejected as non-finite.
 - "topk": only the largest-magnitude `topk_ratio` of each piece's elements
-  travel, as (index, value) pairs. What is not sent is kept on the worker
+  travel, as (index, value) pairs; in a key of several fused parameters, of
+  each parameter's, so that a bias competes with no weight for its share. What is not sent is kept on the worker
   and added to the next step's gradient (error feedback, as in Deep
   Gradient Compression, Lin et al. 2018), so nothing is lost, only delayed.
   The selection is exact but found as DGC suggests: a threshold estimated
@@ -24,7 +25,7 @@ read at full precision (`DistributedOptimizer.pull_final`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,8 +96,9 @@ class Compressor:
         """The half precision pulled weights travel in (None: as stored)."""
         return _CASTS.get(self.compression.pull)
 
-    def encode(self, key: str, grad: torch.Tensor) -> Payload:
-        """The payload for piece `key` of this step's gradient (flat, CPU)."""
+    def encode(self, key: str, grad: torch.Tensor, sizes: Sequence[int] = ()) -> Payload:
+        """The payload for piece `key` of this step's gradient (flat, CPU);
+        `sizes`: those of the parameters fused into it, end to end."""
         method = self.compression.method
         if method in _CASTS:
             return Payload(grad.to(codec.wire_dtype(grad.dtype, _CASTS[method])))
@@ -104,8 +106,7 @@ class Compressor:
             return Payload(grad)
         residual = self._residuals.get(key)
         total = grad.clone() if residual is None else residual.add_(grad)
-        k = max(1, math.ceil(self.compression.topk_ratio * total.numel()))
-        chosen = self._largest(total, k)
+        chosen = self._chosen(total, sizes or [total.numel()])
         # numpy indexes several times faster than torch here (gather and zero
         # 1% of 9.4M elements: about 1 ms against 6); the bits view serves every
         # float dtype, bfloat16 included, which numpy lacks.
@@ -114,6 +115,16 @@ class Compressor:
         bits[chosen] = 0  # what stays behind for the next step
         self._residuals[key] = total
         return Payload(sent, indices=torch.from_numpy(chosen), length=total.numel())
+
+    def _chosen(self, total: torch.Tensor, sizes: Sequence[int]) -> np.ndarray:
+        """Ascending positions in `total` of the largest `topk_ratio` of each
+        of its consecutive ranges of `sizes` (one at least from each)."""
+        chosen, start = [], 0
+        for size in sizes:
+            k = max(1, math.ceil(self.compression.topk_ratio * size))
+            chosen.append(start + self._largest(total[start : start + size], k))
+            start += size
+        return chosen[0] if len(chosen) == 1 else np.concatenate(chosen)
 
     def _largest(self, values: torch.Tensor, k: int) -> np.ndarray:
         """Ascending positions of the k largest magnitudes of `values` (the

@@ -103,6 +103,19 @@ def test_topk_payload_and_residual_keep_the_gradient_dtype(dtype: torch.dtype) -
     assert torch.equal(residual + _round_trip(payload).to(dtype), grad)
 
 
+def test_topk_of_a_fused_key_picks_from_each_parameter_as_if_it_had_a_key_of_its_own() -> None:
+    """A bias's small gradients are not crowded out by a weight's large ones."""
+    torch.manual_seed(5)
+    bias, weight = torch.randn(10) * 1e-3, torch.randn(2000)
+    fused, apart = Compressor(Compression("topk", topk_ratio=0.1)), Compressor(Compression("topk", topk_ratio=0.1))
+    for _ in range(3):  # the residuals carry over, per parameter as apart
+        payload = fused.encode("bias+1", torch.cat([bias, weight]), sizes=[10, 2000])
+        expected = torch.cat([_round_trip(apart.encode("bias", bias)), _round_trip(apart.encode("weight", weight))])
+        assert torch.equal(_round_trip(payload), expected)
+        assert payload.indices is not None and int((payload.indices < 10).sum()) == 1  # ceil(10%) of the bias
+        assert torch.equal(fused._residuals["bias+1"], torch.cat([apart._residuals["bias"], apart._residuals["weight"]]))
+
+
 def test_topk_chunks_are_sparse_on_the_wire() -> None:
     payload = Compressor(Compression("topk", topk_ratio=0.01)).encode("k", torch.randn(100_000))
     chunks = list(payload.chunks("k", codec.DEFAULT_CHUNK_BYTES))
