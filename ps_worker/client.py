@@ -238,7 +238,8 @@ class PSClient:
         Each server's share travels in requests of at most `push_request_bytes`,
         which it applies as they land, so that neither the update waits for the
         whole transfer nor the server holds a whole gradient per push. A
-        gradient with NaN or Inf is refused here, before anything is sent.
+        gradient with NaN or Inf is refused here, before anything is sent, as
+        is a push with gradients for only some of a fused key's parameters.
 
         `prune_thresholds` (worker 0, on pruning steps): per parameter, the
         magnitude at or below which the servers prune this step's weights.
@@ -668,7 +669,8 @@ class PushStream:
     `add` encodes a gradient (compressing it as the job says) and queues its
     pieces for the servers' streams, which are sent from other threads;
     `finish` marks what was never added as absent, waits for every server's
-    answer and, where a server was down, sends the whole push again.
+    answer and, where a server was down, sends the whole push again. A
+    fused key is queued once the last of its parameters is added.
 
     What is sent goes in one request per server, which a server applies
     only when `seal` ends it: a step abandoned before (`cancel`, or a
