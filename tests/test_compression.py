@@ -113,7 +113,8 @@ def test_topk_of_a_fused_key_picks_from_each_parameter_as_if_it_had_a_key_of_its
         expected = torch.cat([_round_trip(apart.encode("bias", bias)), _round_trip(apart.encode("weight", weight))])
         assert torch.equal(_round_trip(payload), expected)
         assert payload.indices is not None and int((payload.indices < 10).sum()) == 1  # ceil(10%) of the bias
-        assert torch.equal(fused._residuals["bias+1"], torch.cat([apart._residuals["bias"], apart._residuals["weight"]]))
+        residuals = torch.cat([apart._residuals["bias"], apart._residuals["weight"]])
+        assert torch.equal(fused._residuals["bias+1"], residuals)
 
 
 def test_topk_chunks_are_sparse_on_the_wire() -> None:
