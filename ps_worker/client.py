@@ -693,7 +693,7 @@ class PushStream:
         self._client = client
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
-        self._grads: dict[str, torch.Tensor | None] = {}  # flat, by parameter name: those added
+        self._grads: dict[str, torch.Tensor | None] = {}  # those added, checked, by parameter name
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
         self._ended = threading.Event()  # sealed or cancelled: a full first request may end
         # Where the next pull goes with the push, a held request holds back
@@ -710,7 +710,8 @@ class PushStream:
 
     def add(self, name: str, grad: torch.Tensor | None) -> None:
         """This step's gradient of parameter `name` (a CPU tensor; None: no
-        gradient). One with NaN or Inf abandons the push (`finish` raises)."""
+        gradient). One with NaN or Inf abandons the push (`finish` raises), as
+        does a fused key given gradients for some of its parameters only."""
         if self._refused is not None:
             return
         if name in self._grads:
