@@ -13,7 +13,7 @@ from torch import nn
 from ps_common.errors import InvalidArgument
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from tests.training import batches, loss_of, max_difference
+from tests.training import batches, loss_of, max_difference, train_local
 
 CONFIG = ClientConfig(timeout=30, wait_timeout=60)
 
@@ -38,18 +38,11 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 def test_fused_parameters_train_what_local_torch_optim_trains(overlap: bool, pull_while_pushing: bool) -> None:
     local, remote = layered_model(), layered_model()
     data = batches(40, batch=16)
-    optimizer = adamw(local)
-    for x, y in data:
-        optimizer.zero_grad()
-        loss_of(local, x, y).backward()
-        optimizer.step()
+    train_local(local, adamw(local), data)
     config = dataclasses.replace(CONFIG, pull_while_pushing=pull_while_pushing)
     with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters(), overlap=overlap)
-        for x, y in data:
-            opt.zero_grad()
-            loss_of(remote, x, y).backward()
-            opt.step()
+        train_local(remote, opt, data)
         opt.synchronize()
         pieces = [p for server in client._pieces for p in server]
         opt.close()
@@ -87,19 +80,12 @@ def test_a_step_without_gradients_for_some_of_a_keys_parameters_is_refused(overl
 def test_without_fusion_a_parameter_without_gradient_is_left_alone_like_torch_does() -> None:
     local, remote = _with_unused(layered_model()), _with_unused(layered_model())
     data = batches(10, batch=8)
-    optimizer = adamw(local)
-    for x, y in data:
-        optimizer.zero_grad()
-        loss_of(local, x, y).backward()
-        optimizer.step()
+    train_local(local, adamw(local), data)
     config = dataclasses.replace(CONFIG, fuse_below_bytes=0)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
         assert not any(p.fused for p in client._pieces[0])
-        for x, y in data:
-            opt.zero_grad()
-            loss_of(remote, x, y).backward()
-            opt.step()
+        train_local(remote, opt, data)
     assert torch.equal(remote[3].unused.detach(), torch.ones(3))
     assert max_difference(local, remote) <= 1e-6
 
@@ -109,18 +95,11 @@ def test_a_frozen_parameter_keeps_a_key_of_its_own_and_its_value() -> None:
     for model in (local, remote):
         model[1].weight.requires_grad_(False)  # in the optimizer, never with a gradient
     data = batches(10, batch=8)
-    optimizer = adamw(local)
-    for x, y in data:
-        optimizer.zero_grad()
-        loss_of(local, x, y).backward()
-        optimizer.step()
+    train_local(local, adamw(local), data)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
         assert [p.fused for p in client._pieces_of["1.weight"]] == [False]
         assert any(p.fused for p in client._pieces[0])
-        for x, y in data:
-            opt.zero_grad()
-            loss_of(remote, x, y).backward()
-            opt.step()
+        train_local(remote, opt, data)
     assert torch.equal(remote[1].weight.detach(), torch.ones(16))
     assert max_difference(local, remote) <= 1e-6
