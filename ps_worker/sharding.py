@@ -107,7 +107,8 @@ def plan_placement(
     pieces: list[tuple[Part, ...]] = []
     for tensor in tensors:
         if tensor.name in fused:
-            pieces += [fused[tensor.name]] if fused[tensor.name][0].name == tensor.name else []
+            if fused[tensor.name][0].name == tensor.name:  # a fused key stands where its first parameter does
+                pieces.append(fused[tensor.name])
             continue
         count = max(1, math.ceil(tensor.nbytes / piece_bytes))
         bounds = [tensor.numel * i // count for i in range(count + 1)]

@@ -76,6 +76,9 @@ def test_pieces_respect_the_maximum_size() -> None:
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unique"):
         plan_placement([TensorInfo("a", 1, 4), TensorInfo("a", 2, 4)], 1)
+    fusing = [TensorInfo("a", 1, 4, fuses_with=0), TensorInfo("b", 1, 4, fuses_with=0)]
+    with pytest.raises(ValueError, match="rename it"):  # "a" and "b" fuse into key "a+1"
+        plan_placement([*fusing, TensorInfo("a+1", 1, 4)], 1, fuse_below_bytes=1024)
 
 
 def test_a_push_is_cut_into_requests_in_order_each_within_the_limit() -> None:
