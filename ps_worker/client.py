@@ -60,6 +60,8 @@ class ClientConfig:
     )
     chunk_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest tensor chunk a worker sends")
     max_piece_bytes: int = setting(codec.DEFAULT_CHUNK_BYTES, "largest range of a tensor kept on one server")
+    # From about 256 KiB, gathering a tensor into a shared key and copying it
+    # out again cost as much as a key of its own (benchmarks/HISTORY.md).
     fuse_below_bytes: int = setting(
         256 * 1024,
         "parameters smaller than this share keys, laid end to end (0: each its own key); fused parameters "
