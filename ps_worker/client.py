@@ -434,7 +434,8 @@ class PSClient:
         abandoned: threading.Event | None = None,
         full_precision: bool = False,
     ) -> None:
-        """Read the weights for `step` into the CPU tensors `into`, in place.
+        """Read the weights for `step` into the CPU tensors `into` (one for
+        every parameter, by name), in place.
 
         Waits, logging, while the mode makes this worker wait for others
         (or, with `wait_for_all_workers`, until every worker pushed `step` steps).
@@ -445,8 +446,12 @@ class PSClient:
         unless `full_precision` (to read the final model exactly).
         """
         half = None if full_precision else self._pull_as
+        if set(into) != set(self._numel):
+            missing, unknown = sorted(set(self._numel) - set(into)), sorted(set(into) - set(self._numel))
+            raise InvalidArgument(f"pull needs a tensor for every parameter: missing {missing}, unknown {unknown}")
         for name, tensor in into.items():
-            _checked(tensor, name)
+            if _checked(tensor, name).numel() != self._numel[name]:
+                raise InvalidArgument(f"{name!r} has {tensor.numel()} elements, expected {self._numel[name]}")
         # By piece key, not a count: an attempt cut off midway is repeated whole.
         missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in into}
         counting = threading.Lock()
@@ -455,7 +460,7 @@ class PSClient:
             whole = []
             with counting:
                 for name in piece.names:
-                    missing = missing_pieces.get(name, set())
+                    missing = missing_pieces[name]
                     if piece.key in missing and len(missing) == 1:
                         whole.append(name)
                     missing.discard(piece.key)
@@ -489,9 +494,7 @@ class PSClient:
                 arrived(piece)
 
             dense_bytes = sum(
-                p.numel * codec.wire_dtype(into[p.parts[0].name].dtype, half).itemsize
-                for p in pieces.values()
-                if p.parts[0].name in into
+                p.numel * codec.wire_dtype(into[p.names[0]].dtype, half).itemsize for p in pieces.values()
             )
             fits_one_message = dense_bytes <= codec.DEFAULT_CHUNK_BYTES  # what PullOne answers at most
             request = pb.PullRequest(
@@ -828,8 +831,7 @@ def _gather(piece: Piece, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def _scatter(piece: Piece, elements: torch.Tensor, into: Mapping[str, torch.Tensor]) -> None:
     """Copy a fused key's `elements` into those of its parameters in `into`."""
     for name, values in zip(piece.names, torch.split(elements, [part.numel for part in piece.parts]), strict=True):
-        if name in into:
-            _flat(into[name]).copy_(values)
+        _flat(into[name]).copy_(values)
 
 
 def pulls_while_pushing(setting: bool | None, addresses: Sequence[str]) -> bool:

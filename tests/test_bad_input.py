@@ -261,6 +261,29 @@ def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
                                      named_parameters=b.named_parameters())  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda into: into.pop("2.bias"), r"missing \['2.bias'\], unknown \[\]"),
+        (lambda into: into.update(extra=torch.zeros(1)), r"missing \[\], unknown \['extra'\]"),
+        (lambda into: into.update({"0.weight": torch.zeros(3)}), "'0.weight' has 3 elements, expected 256"),
+    ],
+    ids=["missing", "unknown", "wrong-size"],
+)
+def test_a_pull_into_the_wrong_tensors_is_refused_before_anything_is_read(change, message) -> None:  # type: ignore[no-untyped-def]
+    model = small_model()
+    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1) as client:
+        DistributedOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters()
+        )
+        into = {n: torch.full_like(p, 7.0) for n, p in model.named_parameters()}
+        given = list(into.values())
+        change(into)
+        with pytest.raises(InvalidArgument, match=message):
+            client.pull(into, step=0)
+        assert all(bool((t == 7.0).all()) for t in given)  # nothing was written
+
+
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 def test_a_nan_gradient_changes_no_server_though_its_push_spans_requests_and_servers(overlap: bool) -> None:
     model = small_model()
