@@ -5,6 +5,7 @@ only some of a key's parameters is refused, not approximated."""
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -52,6 +53,29 @@ def test_fused_parameters_train_what_local_torch_optim_trains(overlap: bool, pul
     assert all(len({group_of[n] for n in p.names}) == 1 for p in fused)  # one param group a key
     assert {p.server for p in pieces} == {0, 1}
     assert max_difference(local, remote) <= 1e-6
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_two_bsp_workers_on_fused_keys_equal_one_process_on_the_whole_batch(overlap: bool) -> None:
+    data = batches(30, batch=16)
+    oracle = layered_model()
+    train_local(oracle, adamw(oracle), data)
+    replicas = [layered_model(), layered_model()]
+
+    def work(rank: int) -> None:
+        model = replicas[rank]
+        with PSClient(cluster.addresses, rank, 2, CONFIG) as client:
+            opt = DistributedOptimizer(adamw(model), client, named_parameters=model.named_parameters(), overlap=overlap)
+            assert any(p.fused for server in client._pieces for p in server)
+            train_local(model, opt, [(x[rank::2], y[rank::2]) for x, y in data])
+            opt.pull_final()
+            opt.close()
+
+    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+        for job in [pool.submit(work, rank) for rank in range(2)]:
+            job.result(timeout=120)
+    for replica in replicas:
+        assert max_difference(oracle, replica) <= 1e-5
 
 
 def _with_unused(model: nn.Module) -> nn.Module:
