@@ -224,7 +224,7 @@ def _push_pull(numels: list[int], servers: int, config: ClientConfig) -> Iterato
     """A push + pull of fp32 parameters of `numels` elements, and the pids that do its work."""
     params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
     with server_processes(servers) as (addresses, processes), PSClient(addresses, 0, 1, config) as client:
-        named = [(f"p{i}", p) for i, p in enumerate(params)] if len(params) > 1 else [("w", params[0])]
+        named = [(f"p{i}", p) for i, p in enumerate(params)]
         opt = DistributedOptimizer(torch.optim.SGD(params, lr=0.0), client, named_parameters=named)
         for param in params:
             param.grad = torch.ones_like(param)

@@ -770,8 +770,9 @@ def _validate_job(job: pb.JobSpec) -> None:
             raise InvalidArgument(f"key {spec.key!r} has a negative dimension: {list(spec.shape)}")
         if not 0 <= spec.group < len(job.optimizer.groups):
             raise InvalidArgument(f"key {spec.key!r} names param group {spec.group} of {len(job.optimizer.groups)}")
-        fused_numel = sum(math.prod(p.tensor_shape) for p in spec.parts)
-        if spec.parts and (spec.prunable or fused_numel != math.prod(spec.shape)):
+        if spec.parts and (
+            spec.prunable or sum(math.prod(p.tensor_shape) for p in spec.parts) != math.prod(spec.shape)
+        ):
             raise InvalidArgument(f"fused key {spec.key!r} is prunable, or its parameters' sizes do not add up to it")
 
 

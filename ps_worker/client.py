@@ -281,9 +281,14 @@ class PSClient:
         """`grad`, once checked to fit parameter `name`."""
         if name not in self._numel:
             raise InvalidArgument(f"push of unknown parameter {name!r}")
-        if grad is not None and _checked(grad, name).numel() != self._numel[name]:
-            raise InvalidArgument(f"gradient of {name!r} has {grad.numel()} elements, expected {self._numel[name]}")
+        if grad is not None:
+            self._check_fits(name, grad, f"gradient of {name!r}")
         return grad
+
+    def _check_fits(self, name: str, tensor: torch.Tensor, what: str) -> None:
+        """Raise unless `tensor` is a CPU tensor PSClient can use for parameter `name`, of its size."""
+        if _checked(tensor, name).numel() != self._numel[name]:
+            raise InvalidArgument(f"{what} has {tensor.numel()} elements, expected {self._numel[name]}")
 
     def _gathered(self, piece: Piece, grads: Mapping[str, torch.Tensor | None], step: int) -> torch.Tensor | None:
         """The gradient of `piece` (flat, uncompressed) from the checked gradients
@@ -310,7 +315,7 @@ class PSClient:
         """What travels of a piece's gathered gradient (None: absent), as the job's compression says."""
         if gathered is None:
             return None
-        return self._compressor.encode(piece.key, gathered, [p.numel for p in piece.parts] if piece.fused else ())
+        return self._compressor.encode(piece.key, gathered, piece.sizes if piece.fused else ())
 
     def _push_to(self, server: int) -> None:
         """Send the last push to one server, once."""
@@ -446,12 +451,11 @@ class PSClient:
         unless `full_precision` (to read the final model exactly).
         """
         half = None if full_precision else self._pull_as
-        if set(into) != set(self._numel):
-            missing, unknown = sorted(set(self._numel) - set(into)), sorted(set(into) - set(self._numel))
+        if into.keys() != self._numel.keys():
+            missing, unknown = sorted(self._numel.keys() - into.keys()), sorted(into.keys() - self._numel.keys())
             raise InvalidArgument(f"pull needs a tensor for every parameter: missing {missing}, unknown {unknown}")
         for name, tensor in into.items():
-            if _checked(tensor, name).numel() != self._numel[name]:
-                raise InvalidArgument(f"{name!r} has {tensor.numel()} elements, expected {self._numel[name]}")
+            self._check_fits(name, tensor, repr(name))
         # By piece key, not a count: an attempt cut off midway is repeated whole.
         missing_pieces = {name: {p.key for p in self._pieces_of[name]} for name in into}
         counting = threading.Lock()
@@ -699,6 +703,7 @@ class PushStream:
         self._header = header
         self._payloads: dict[str, Payload | None] = {}  # by piece key
         self._grads: dict[str, torch.Tensor | None] = {}  # those added, checked, by parameter name
+        self._unadded: dict[str, int] = {}  # by piece key: how many of its parameters are still to come
         self._queues: list[queue.SimpleQueue[Piece | None]] = [queue.SimpleQueue() for _ in client.addresses]
         self._ended = threading.Event()  # sealed or cancelled: a full first request may end
         # Where the next pull goes with the push, a held request holds back
@@ -724,7 +729,11 @@ class PushStream:
         client, step = self._client, self._header.step
         self._grads[name] = client._checked_grad(name, grad)  # raises for an unknown name
         # A fused key goes once the last of its parameters is added.
-        ready = [p for p in client._pieces_of[name] if all(n in self._grads for n in p.names)]
+        ready = []
+        for piece in client._pieces_of[name]:
+            self._unadded[piece.key] = self._unadded.get(piece.key, len(piece.parts)) - 1
+            if self._unadded[piece.key] == 0:
+                ready.append(piece)
         try:
             for piece in ready:
                 self._payloads[piece.key] = client._compress(piece, client._gathered(piece, self._grads, step))
@@ -830,7 +839,7 @@ def _gather(piece: Piece, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 def _scatter(piece: Piece, elements: torch.Tensor, into: Mapping[str, torch.Tensor]) -> None:
     """Copy a fused key's `elements` into those of its parameters in `into`."""
-    for name, values in zip(piece.names, torch.split(elements, [part.numel for part in piece.parts]), strict=True):
+    for name, values in zip(piece.names, torch.split(elements, piece.sizes), strict=True):
         _flat(into[name]).copy_(values)
 
 

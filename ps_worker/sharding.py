@@ -70,10 +70,15 @@ class Piece:
     server: int
     parts: tuple[Part, ...]
 
-    # Cached: a push and a pull ask for every piece's, and a fused key may have hundreds of parts.
+    # Cached: every push and pull asks, and a fused key may have hundreds of parts.
+    @cached_property
+    def sizes(self) -> list[int]:
+        """Elements of each part, in order."""
+        return [part.numel for part in self.parts]
+
     @cached_property
     def numel(self) -> int:
-        return sum(part.numel for part in self.parts)
+        return sum(self.sizes)
 
     @cached_property
     def names(self) -> list[str]:
