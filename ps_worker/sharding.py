@@ -119,7 +119,7 @@ def plan_placement(
         bounds = [tensor.numel * i // count for i in range(count + 1)]
         pieces += [(Part(tensor.name, bounds[i], bounds[i + 1]),) for i in range(count)]
     itemsize = {t.name: t.itemsize for t in tensors}
-    size = [sum(part.numel * itemsize[part.name] for part in parts) for parts in pieces]
+    size = [_nbytes(parts, itemsize) for parts in pieces]
     load = [0] * num_servers
     server_of = [0] * len(pieces)
     for index in sorted(range(len(pieces)), key=lambda i: (-size[i], i)):
@@ -162,6 +162,10 @@ def _fuse(
     return fused
 
 
+def _nbytes(parts: Sequence[Part], itemsize: Mapping[str, int]) -> int:
+    return sum(part.numel * itemsize[part.name] for part in parts)
+
+
 def _key(parts: tuple[Part, ...], numel: Mapping[str, int]) -> str:
     if len(parts) > 1:
         return f"{parts[0].name}+{len(parts) - 1}"  # a tensor is in one key only: its first names it
@@ -188,5 +192,5 @@ def bytes_per_server(pieces: Sequence[Piece], tensors: Sequence[TensorInfo], num
     itemsize = {t.name: t.itemsize for t in tensors}
     load = [0] * num_servers
     for piece in pieces:
-        load[piece.server] += sum(part.numel * itemsize[part.name] for part in piece.parts)
+        load[piece.server] += _nbytes(piece.parts, itemsize)
     return load
