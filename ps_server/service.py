@@ -198,6 +198,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         cast_to = _PULL_DTYPES[request.dtype]
         hold_still = self.shard.values_hold_still()
         shared = shared and hold_still
+        cache = hold_still and not request.masks  # half-precision casts shared by the workers
         sent = shared_bytes = 0
         # Keys go out in the batches the shard makes them readable (BSP: as
         # their steps complete), each batch in messages of its own, so that
@@ -208,7 +209,7 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         if together:
             readable = iter([[item for ready in readable for item in ready]])
         for ready in readable:
-            chunks = (chunk for item in ready for chunk in self._chunks_of(item, chunk_bytes, cast_to, shared))
+            chunks = (chunk for item in ready for chunk in self._chunks_of(item, chunk_bytes, cast_to, shared, cache))
             batches = codec.batched(chunks, chunk_bytes)
             while True:
                 # Chunks are views of the live weights. Where an update may come
@@ -234,13 +235,16 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self.shard.count("bytes_shared", shared_bytes)
 
     def _chunks_of(
-        self, item: PulledKey, chunk_bytes: int, cast_to: torch.dtype | None, shared: bool
+        self, item: PulledKey, chunk_bytes: int, cast_to: torch.dtype | None, shared: bool, cache: bool
     ) -> Iterable[codec.Chunk]:
         """A pulled key's chunks: its place in the shared weights where the
         client may read them there (as stored: a client that asked for half
-        precision casts them itself), else its bytes."""
+        precision casts them itself), else its bytes; `cache`: cast as the
+        shard keeps them for every worker (Shard.pulled_as)."""
         where = self.shard.shared.range_of(item.value) if shared and self.shard.shared is not None else None
         if where is None:
+            if cache and cast_to is not None:
+                return codec.tensor_to_chunks(item.key, self.shard.pulled_as(item, cast_to), chunk_bytes, item.sparse)
             return codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
         dtype = codec.dtype_to_proto(item.value.dtype)
         return [codec.Chunk(key=item.key, dtype=dtype, shape=list(item.value.shape), shared=where)]

@@ -60,6 +60,9 @@ class Slot:
     # later step (the steps in between were lost with the crash). Workers may
     # be a step apart when the server died, so the latest step pushed wins.
     restored: bool = False
+    # BSP: the weights cast for pulls in half precision, as of update `cast_version`.
+    cast: torch.Tensor | None = None
+    cast_version: int = -1
 
     def prune(self, threshold: float) -> None:
         """Keep only elements whose magnitude exceeds `threshold` (zeros never come back)."""
@@ -102,6 +105,7 @@ class Shard:
         fused_updates: bool = True,
     ) -> None:
         self._cond = threading.Condition()
+        self._casting = threading.Lock()  # pulled_as: one cast per update, whoever asks first
         self._fused_updates = fused_updates
         self._worker_timeout = worker_timeout
         self._last_seen: dict[int, float] = {}
@@ -585,6 +589,29 @@ class Shard:
         back and may read a later update midway; its next push is then too
         late and is dropped, so what it read cannot reach the model.)"""
         return self.job is not None and self.job.mode == pb.BSP
+
+    def pulled_as(self, item: PulledKey, dtype: torch.dtype) -> torch.Tensor:
+        """`item`'s values (weights pulled where `values_hold_still()`) as
+        they travel in `dtype`: cast once per update into a tensor the key
+        keeps, and shared by every worker that pulls that update, so that a
+        server of W workers casts a step's weights once, not W times. Costs
+        the half-precision copy's memory while bf16 pulls come (half the
+        weights'). A pull of an update that is no longer the key's (by a
+        worker that fell behind) gets a cast of its own."""
+        travels = codec.wire_dtype(item.value.dtype, dtype)
+        if travels == item.value.dtype:
+            return item.value
+        slot = self._slot(item.key)
+        with self._casting:
+            if slot.cast_version != item.version or slot.cast is None or slot.cast.dtype != travels:
+                if item.version != slot.version:
+                    return item.value.to(travels)
+                if slot.cast is None or slot.cast.dtype != travels:
+                    slot.cast = torch.empty(item.value.shape, dtype=travels)
+                # In place: in BSP nobody still reads the last update's cast once a new update is there.
+                slot.cast.copy_(item.value)
+                slot.cast_version = item.version
+            return slot.cast
 
     def reading(self) -> threading.Condition:
         """Hold this while reading pulled values: no update runs meanwhile."""

@@ -15,7 +15,8 @@
   for torch.topk over all of it).
 
 Weights may travel back in bf16 too (`pull="bf16"`): the servers keep and
-update them at full precision and round them only on the way out, as mixed
+update them at full precision and round them only on the way out (in BSP
+once an update, for every worker), as mixed
 precision training keeps fp32 master weights beside the bf16 copy it
 computes with (fp16 is not offered: a weight beyond its range would arrive
 as Inf). Workers then compute on the rounded weights; the final model is

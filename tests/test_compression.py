@@ -14,6 +14,7 @@ import torch
 from ps_common import codec, wire
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
+from ps_server.shard import PulledKey, Shard
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression, Compressor, Payload
 from tests.training import SPLITTING, batches, loss_of, max_difference, small_model
@@ -150,6 +151,36 @@ def test_weights_cast_on_the_way_decode_into_full_precision_as_the_rounded_weigh
     for stored in (torch.float16, torch.bfloat16, torch.int64, torch.bool):
         assert codec.wire_dtype(stored, torch.bfloat16) == stored
     assert codec.wire_dtype(torch.float32, None) == torch.float32
+
+
+def test_the_workers_of_a_bsp_step_share_one_bf16_cast_of_its_weights() -> None:
+    """Shard.pulled_as: a server of W workers casts a step's weights once,
+    not W times; an update makes the next pull cast again, and a pull of an
+    update the key has moved past gets a cast of its own."""
+    options = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 1.0})])
+    job = pb.JobSpec(mode=pb.BSP, num_workers=2, optimizer=options,
+                     keys=[pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[6])])  # fmt: skip
+    torch.manual_seed(0)
+    shard = Shard()
+    shard.init(job, {"w": torch.randn(6)})  # fp32 mantissas that bf16 rounds
+
+    def pulled(worker: int, step: int) -> PulledKey:
+        [[item]] = list(shard.pull(worker, step, ["w"], wait_for_all=False, timeout=5.0))
+        return item
+
+    first, second = pulled(0, 0), pulled(1, 0)
+    cast = shard.pulled_as(first, torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and torch.equal(cast, first.value.to(torch.bfloat16))
+    assert shard.pulled_as(second, torch.bfloat16) is cast
+    before = cast.clone()
+    for worker in (0, 1):
+        shard.push(worker, 0, [], {"w": torch.full((6,), 0.1)})
+    update = pulled(0, 1)
+    assert torch.equal(shard.pulled_as(update, torch.bfloat16), update.value.to(torch.bfloat16))
+    assert not torch.equal(before, update.value.to(torch.bfloat16))  # the update changed what travels
+    late = shard.pulled_as(first, torch.bfloat16)  # update 0's pull, after update 1
+    assert late is not shard.pulled_as(update, torch.bfloat16)
+    assert torch.equal(late, first.value.to(torch.bfloat16))
 
 
 def _bsp_worker_on_bf16_weights(addresses: list[str], rank: int, model: torch.nn.Module, data, config) -> None:  # type: ignore[no-untyped-def]
