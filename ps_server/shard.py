@@ -594,10 +594,10 @@ class Shard:
         """`item`'s values (weights pulled where `values_hold_still()`) as
         they travel in `dtype`: cast once per update into a tensor the key
         keeps, and shared by every worker that pulls that update, so that a
-        server of W workers casts a step's weights once, not W times. Costs
-        the half-precision copy's memory while bf16 pulls come (half the
-        weights'). A pull of an update that is no longer the key's (by a
-        worker that fell behind) gets a cast of its own."""
+        server of W workers casts a step's weights once, not W times. The
+        copy (half the key's bytes, for bf16) is kept from the key's first
+        half-precision pull on. A pull of an update that is no longer the
+        key's (by a worker that fell behind) gets a cast of its own."""
         travels = codec.wire_dtype(item.value.dtype, dtype)
         if travels == item.value.dtype:
             return item.value
@@ -608,7 +608,8 @@ class Shard:
                     return item.value.to(travels)
                 if slot.cast is None or slot.cast.dtype != travels:
                     slot.cast = torch.empty(item.value.shape, dtype=travels)
-                # In place: in BSP nobody still reads the last update's cast once a new update is there.
+                # In place: in BSP nobody reads the last update's cast once a new one is
+                # there, as nobody reads the last update's weights (values_hold_still).
                 slot.cast.copy_(item.value)
                 slot.cast_version = item.version
             return slot.cast
