@@ -70,6 +70,10 @@ class _ShardCollector(Collector):
             "ps_buffer_pool_idle_bytes", "Bytes of push and pull buffers waiting to be reused",
             value=snapshot["buffer_pool_bytes"],
         )  # fmt: skip
+        yield GaugeMetricFamily(
+            "ps_pull_cast_bytes", "Bytes of the bf16 copies of the weights kept for half-precision pulls",
+            value=snapshot["pull_cast_bytes"],
+        )  # fmt: skip
         now = time.time()
         connected = sum(1 for t in snapshot["last_push"].values() if now - t < CONNECTED_WITHIN_SECONDS)
         yield GaugeMetricFamily("ps_connected_workers", "Workers that pushed in the last minute", value=connected)

@@ -720,6 +720,9 @@ class Shard:
                 "keys": len(self.slots),
                 "last_push": dict(self._last_push_time),
                 "buffer_pool_bytes": self.buffers.idle_bytes,
+                "pull_cast_bytes": sum(
+                    s.cast.numel() * s.cast.element_size() for s in self.slots.values() if s.cast is not None
+                ),
             }
 
     def count(self, counter: str, amount: int) -> None:

@@ -172,6 +172,7 @@ def test_the_workers_of_a_bsp_step_share_one_bf16_cast_of_its_weights() -> None:
     cast = shard.pulled_as(first, torch.bfloat16)
     assert cast.dtype == torch.bfloat16 and torch.equal(cast, first.value.to(torch.bfloat16))
     assert shard.pulled_as(second, torch.bfloat16) is cast
+    assert shard.metrics_snapshot()["pull_cast_bytes"] == 6 * 2  # what ps_pull_cast_bytes reports
     before = cast.clone()
     for worker in (0, 1):
         shard.push(worker, 0, [], {"w": torch.full((6,), 0.1)})

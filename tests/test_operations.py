@@ -58,7 +58,7 @@ def test_server_metrics_follow_prometheus_conventions() -> None:
     for line in ("ps_pushes_total 3.0", "ps_updates_total 3.0", "ps_shard_version 3.0", "ps_connected_workers 1.0"):
         assert line in metrics, line
     for name in ("ps_received_bytes_total", "ps_sent_bytes_total", "ps_update_duration_seconds_bucket",
-                 "ps_push_staleness_updates_bucket", "ps_rejected_requests_total"):  # fmt: skip
+                 "ps_push_staleness_updates_bucket", "ps_rejected_requests_total", "ps_pull_cast_bytes"):  # fmt: skip
         assert name in metrics, name
     # The pushed gradients' buffers wait in the pool for the next push.
     pooled = re.search(r"^ps_buffer_pool_idle_bytes (\S+)$", metrics, re.MULTILINE)
