@@ -169,6 +169,7 @@ def test_the_workers_of_a_bsp_step_share_one_bf16_cast_of_its_weights() -> None:
         return item
 
     first, second = pulled(0, 0), pulled(1, 0)
+    assert shard.metrics_snapshot()["pull_cast_bytes"] == 0  # nothing cast before a bf16 pull
     cast = shard.pulled_as(first, torch.bfloat16)
     assert cast.dtype == torch.bfloat16 and torch.equal(cast, first.value.to(torch.bfloat16))
     assert shard.pulled_as(second, torch.bfloat16) is cast
@@ -247,12 +248,10 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
     assert max_difference(full_precision, replicas[0]) > 1e-4  # the rounding is not lost in the noise
     weights = sum(p.numel() for p in master.parameters())
     # Each worker's pulls: the first and one a step in bf16, the final model in fp32; through
-    # the Unix socket, all read from the server's shared weights (fp32, rounded by the worker).
+    # the Unix socket, all read from the server's shared memory, the bf16 ones from the cast it keeps there.
     steps = len(data) + 1
-    if shared_weights:
-        assert (pulled, shared) == (0, 2 * (steps + 1) * weights * 4)
-    else:
-        assert (pulled, shared) == (2 * (steps * weights * 2 + weights * 4), 0)
+    moved = 2 * (steps * weights * 2 + weights * 4)
+    assert (pulled, shared) == ((0, moved) if shared_weights else (moved, 0))
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp"])
