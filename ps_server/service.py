@@ -238,17 +238,16 @@ class ParameterService(ps_pb2_grpc.ParameterServerServicer):
         self, item: PulledKey, chunk_bytes: int, cast_to: torch.dtype | None, shared: bool, cache: bool
     ) -> Iterable[codec.Chunk]:
         """A pulled key's chunks: its place in the shared weights where the
-        client may read it there, else its bytes. `cache`: a pull in half
-        precision takes the cast the shard keeps for every worker
-        (Shard.pulled_as), which lies in the shared weights too."""
-        value, cast = item.value, cast_to
-        if cache and cast_to is not None:
-            value, cast = self.shard.pulled_as(item, cast_to), None
-        where = self.shard.shared.range_of(value) if shared and self.shard.shared is not None else None
+        client may read them there (as stored: a client that asked for half
+        precision casts them itself), else its bytes; `cache`: cast as the
+        shard keeps them for every worker (Shard.pulled_as)."""
+        where = self.shard.shared.range_of(item.value) if shared and self.shard.shared is not None else None
         if where is None:
-            return codec.tensor_to_chunks(item.key, value, chunk_bytes, item.sparse, cast)
-        dtype = codec.dtype_to_proto(value.dtype)
-        return [codec.Chunk(key=item.key, dtype=dtype, shape=list(value.shape), shared=where)]
+            if cache and cast_to is not None:
+                return codec.tensor_to_chunks(item.key, self.shard.pulled_as(item, cast_to), chunk_bytes, item.sparse)
+            return codec.tensor_to_chunks(item.key, item.value, chunk_bytes, item.sparse, cast_to)
+        dtype = codec.dtype_to_proto(item.value.dtype)
+        return [codec.Chunk(key=item.key, dtype=dtype, shape=list(item.value.shape), shared=where)]
 
     @_status_errors
     def Checkpoint(self, request: pb.CheckpointRequest, context: grpc.ServicerContext) -> pb.CheckpointResponse:

@@ -60,8 +60,7 @@ class Slot:
     # later step (the steps in between were lost with the crash). Workers may
     # be a step apart when the server died, so the latest step pushed wins.
     restored: bool = False
-    # BSP: the weights cast for pulls in half precision, as of update `cast_version`
-    # (in the shared weights' room for it where there is some: SharedWeights.halves).
+    # BSP: the weights cast for pulls in half precision, as of update `cast_version`.
     cast: torch.Tensor | None = None
     cast_version: int = -1
 
@@ -223,9 +222,6 @@ class Shard:
             shared = SharedWeights.holding(values)
             for slot, view in zip(slots.values(), shared.views, strict=True):
                 slot.value = view
-        for slot, half in zip(slots.values(), shared.halves, strict=True):
-            if half is not None:  # where bf16 pulls are cast, for workers on this host to read too
-                slot.cast = half.view(tuple(slot.spec.shape))
         if self.shared is not None:
             self.shared.close()
         self.shared = shared
@@ -600,10 +596,8 @@ class Shard:
         keeps, and shared by every worker that pulls that update, so that a
         server of W workers casts a step's weights once, not W times. The
         copy (half the key's bytes, for bf16) is kept from the key's first
-        half-precision pull on, in the shared weights where they are shared,
-        so that workers on this host read it there. A pull of an update that
-        is no longer the key's (by a worker that fell behind) gets a cast of
-        its own."""
+        half-precision pull on. A pull of an update that is no longer the
+        key's (by a worker that fell behind) gets a cast of its own."""
         travels = codec.wire_dtype(item.value.dtype, dtype)
         if travels == item.value.dtype:
             return item.value
@@ -727,9 +721,7 @@ class Shard:
                 "last_push": dict(self._last_push_time),
                 "buffer_pool_bytes": self.buffers.idle_bytes,
                 "pull_cast_bytes": sum(
-                    s.cast.numel() * s.cast.element_size()
-                    for s in self.slots.values()
-                    if s.cast is not None and s.cast_version >= 0  # the shared room costs nothing unwritten
+                    s.cast.numel() * s.cast.element_size() for s in self.slots.values() if s.cast is not None
                 ),
             }
 

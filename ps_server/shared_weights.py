@@ -22,26 +22,16 @@ import sys
 
 import torch
 
-from ps_common import codec
-
 _ALIGN = 64  # a cache line: every tensor starts on one
 
 
 class SharedWeights:
-    """Flat tensors carved out of one memfd, laid out in the order given,
-    then room for their bf16 casts."""
+    """Flat tensors carved out of one memfd, laid out in the order given."""
 
     def __init__(self, layout: list[tuple[int, torch.dtype]]) -> None:
-        """`views`: one flat tensor per (numel, dtype) of `layout`,
-        uninitialized. `halves`: for each float wider than bf16, a flat bf16
-        tensor of its size, where the shard casts it for bf16 pulls
-        (Shard.pulled_as) so that workers read the cast here too; None for the
-        others. A page costs memory only once written, so the halves cost
-        nothing until a bf16 pull comes."""
-        halves = [(n, torch.bfloat16) if codec.wire_dtype(d, torch.bfloat16) != d else None for n, d in layout]
-        regions = [*layout, *(half for half in halves if half is not None)]
+        """`views`: one flat tensor per (numel, dtype) of `layout`, uninitialized."""
         offsets, size = [], 0
-        for numel, dtype in regions:
+        for numel, dtype in layout:
             offsets.append(size)
             size += -(-numel * dtype.itemsize // _ALIGN) * _ALIGN
         self.size = max(size, _ALIGN)  # mmap refuses an empty mapping
@@ -49,12 +39,10 @@ class SharedWeights:
         os.ftruncate(self._fd, self.size)  # pages come as they are first written
         self._memory = mmap.mmap(self._fd, self.size)
         self._base = torch.frombuffer(self._memory, dtype=torch.uint8)
-        tensors = iter(
+        self.views = [
             self._base[offset : offset + numel * dtype.itemsize].view(dtype)
-            for (numel, dtype), offset in zip(regions, offsets, strict=True)
-        )
-        self.views = [next(tensors) for _ in layout]
-        self.halves: list[torch.Tensor | None] = [None if half is None else next(tensors) for half in halves]
+            for (numel, dtype), offset in zip(layout, offsets, strict=True)
+        ]
 
     @classmethod
     def holding(cls, tensors: list[torch.Tensor]) -> SharedWeights:

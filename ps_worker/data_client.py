@@ -46,14 +46,11 @@ class PushCall(Protocol):
 
 class _SharedReader:
     """Resolves the shared ranges of one pull in the server's mapped weights.
-    A range holds a key as its chunk's dtype says. Servers answer a pull in
-    `half` precision with their cast of the weights, which they keep in the
-    same memory (Shard.pulled_as); a range of wider floats (from a server
-    that does not keep one) is rounded here with the same torch cast, into
-    one buffer reused from key to key: a chunk's data is valid until the next
-    chunk is read, as on the wire. (A fresh tensor per key cost more in page
-    faults than the cast: 9.4M fp32 elements to bf16 on one thread, 11 ms
-    allocating, 2.8 ms into a buffer.)"""
+    For a pull in `half` precision it rounds their floats as the server casts
+    what it sends (the same torch cast), into one buffer reused from key to
+    key: a chunk's data is valid until the next chunk is read, as on the
+    wire. (A fresh tensor per key cost more in page faults than the cast: 9.4M
+    fp32 elements to bf16 on one thread, 11 ms allocating, 2.8 ms into a buffer.)"""
 
     def __init__(self, shared: memoryview, half: torch.dtype | None) -> None:
         self._shared = shared

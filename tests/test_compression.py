@@ -248,10 +248,12 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
     assert max_difference(full_precision, replicas[0]) > 1e-4  # the rounding is not lost in the noise
     weights = sum(p.numel() for p in master.parameters())
     # Each worker's pulls: the first and one a step in bf16, the final model in fp32; through
-    # the Unix socket, all read from the server's shared memory, the bf16 ones from the cast it keeps there.
+    # the Unix socket, all read from the server's shared weights (fp32, rounded by the worker).
     steps = len(data) + 1
-    moved = 2 * (steps * weights * 2 + weights * 4)
-    assert (pulled, shared) == ((0, moved) if shared_weights else (moved, 0))
+    if shared_weights:
+        assert (pulled, shared) == (0, 2 * (steps + 1) * weights * 4)
+    else:
+        assert (pulled, shared) == (2 * (steps * weights * 2 + weights * 4), 0)
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp"])
