@@ -7,7 +7,6 @@ import os
 import queue
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hosts import Host
+from ps_server import cli
 
 
 @dataclass
@@ -69,7 +69,8 @@ def process_context() -> ForkServerContext:
     A spawned child spent about 2 s importing them, longer than most of the
     measurements it was started for."""
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["benchmarks.training_step", "benchmarks.wire"])
+    # torch._dynamo: the compiler machinery a server's optimizers import, 1.6 s each time.
+    context.set_forkserver_preload(["benchmarks.training_step", "benchmarks.wire", "torch._dynamo"])
     return context
 
 
@@ -95,33 +96,59 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _serve(host: Host | None, argv: list[str], fresh: bool) -> None:
+    """`ps-server argv` on `host`, in this process forked from the benchmarks'
+    preloaded one, or (`fresh`) in a new interpreter that replaces it."""
+    if host is not None:
+        host.enter()
+    if fresh:
+        os.execv(sys.executable, [sys.executable, "-m", "ps_server", *argv])
+    cli.main(argv)
+
+
 @contextmanager
 def server_processes(
-    count: int, *flags: str, hosts: Sequence[Host] | None = None
-) -> Iterator[tuple[list[str], list[subprocess.Popen[bytes]]]]:
+    count: int, *flags: str, hosts: Sequence[Host] | None = None, fresh: bool = False
+) -> Iterator[tuple[list[str], list[int]]]:
     """`count` ps-server processes, on loopback or each on one of `hosts`;
-    yields their addresses and processes."""
+    yields their addresses and pids. They run the ps-server command's
+    code (`ps_server.cli.main`) in processes forked from `process_context`'s,
+    started and stopped together: started afresh, each took about 4 s to
+    import torch and the compiler machinery its optimizers load, half of the
+    quick run's time. `fresh`: each in a new interpreter, as a user starts
+    one, for the memory rows (a forked server faults in the library code
+    its parent had loaded as it first runs it, about 5 MiB of RSS growth
+    that is not the model's)."""
+    context = process_context()
     with tempfile.TemporaryDirectory() as tmp:
-        processes: list[subprocess.Popen[bytes]] = []
+        processes: list[BaseProcess] = []
         addresses: list[str] = []
+        pids: list[int] = []
         try:
             for i in range(count):
-                port_file = Path(tmp) / f"{i}.port"
-                command = [sys.executable, "-m", "ps_server", "--port", "0", "--port-file", str(port_file),
-                           "--log-level", "WARNING", *flags]  # fmt: skip
+                argv = ["--port", "0", "--port-file", f"{tmp}/{i}.port", "--log-level", "WARNING", *flags]
                 address = "127.0.0.1"
                 if hosts is not None:
                     address = hosts[i].address
-                    command = hosts[i].command(*command, "--host", address)
-                processes.append(subprocess.Popen(command))
-                deadline = time.monotonic() + 60
+                    argv += ["--host", address]
+                host = hosts[i] if hosts else None
+                process: BaseProcess = context.Process(target=_serve, args=(host, argv, fresh))
+                processes.append(process)
+                process.start()
+                assert process.pid is not None  # set by start()
+                pids.append(process.pid)
+                addresses.append(address)
+            deadline = time.monotonic() + 60
+            for i, process in enumerate(processes):
+                port_file = Path(tmp) / f"{i}.port"
                 while not port_file.exists():
-                    if time.monotonic() > deadline or processes[-1].poll() is not None:
-                        raise RuntimeError("benchmark server did not start")
+                    if time.monotonic() > deadline or process.exitcode is not None:
+                        raise RuntimeError(f"benchmark server {i} did not start (waited for {port_file})")
                     time.sleep(0.05)
-                addresses.append(f"{address}:{port_file.read_text()}")
-            yield addresses, processes
+                addresses[i] += f":{port_file.read_text()}"
+            yield addresses, pids
         finally:
             for process in processes:
                 process.terminate()
-                process.wait(timeout=30)
+            for process in processes:
+                process.join(timeout=30)

@@ -234,13 +234,15 @@ def our_seconds(workers: int, servers: int, steps: int, warmup: int, width: int 
 
 def our_run(
     workers: int, servers: int, steps: int, warmup: int, width: int = 2048,
-    server_hosts: Sequence[Host] | None = None, worker_hosts: Sequence[Host] | None = None, **options: Any,
+    server_hosts: Sequence[Host] | None = None, worker_hosts: Sequence[Host] | None = None,
+    fresh_servers: bool = False, **options: Any,
 ) -> tuple[float, list[int]]:  # fmt: skip
-    """Median step and each server's peak RSS growth over its idle RSS, in bytes."""
-    with server_processes(servers, hosts=server_hosts) as (addresses, processes):
-        idle = [_rss(p.pid, "VmRSS") for p in processes]
+    """Median step and each server's peak RSS growth over its idle RSS, in
+    bytes (`fresh_servers` for the growth of servers started as users do)."""
+    with server_processes(servers, hosts=server_hosts, fresh=fresh_servers) as (addresses, pids):
+        idle = [_rss(pid, "VmRSS") for pid in pids]
         reports = _run_processes(_our_worker, workers, addresses, steps, width, hosts=worker_hosts, **options)
-        growth = [_rss(p.pid, "VmHWM") - before for p, before in zip(processes, idle, strict=True)]
+        growth = [_rss(pid, "VmHWM") - before for pid, before in zip(pids, idle, strict=True)]
     return _median_step(reports, warmup), growth
 
 
@@ -422,7 +424,7 @@ def run_memory(quick: bool) -> list[Row]:
     numel = sum(p.numel() for p in build_model(width).parameters())
     rows = []
     for optimizer, mode, workers in MEMORY_RUNS:
-        _, growth = our_run(workers, 1, steps, 1, width, optimizer=optimizer, mode=mode)
+        _, growth = our_run(workers, 1, steps, 1, width, fresh_servers=True, optimizer=optimizer, mode=mode)
         theoretical = (1 + OPTIMIZERS[optimizer][1]) * 4 * numel
         rows.append(Row(
             name=f"server memory, {optimizer}, {mode.upper()}, {workers} worker(s), {numel / 1e6:.1f}M params: "

@@ -223,12 +223,12 @@ def _ours(nbytes: int, servers: int, unix: bool) -> Iterator[RoundTrip]:
 def _push_pull(numels: list[int], servers: int, config: ClientConfig) -> Iterator[RoundTrip]:
     """A push + pull of fp32 parameters of `numels` elements, and the pids that do its work."""
     params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
-    with server_processes(servers) as (addresses, processes), PSClient(addresses, 0, 1, config) as client:
+    with server_processes(servers) as (addresses, pids), PSClient(addresses, 0, 1, config) as client:
         named = [(f"p{i}", p) for i, p in enumerate(params)]
         opt = DistributedOptimizer(torch.optim.SGD(params, lr=0.0), client, named_parameters=named)
         for param in params:
             param.grad = torch.ones_like(param)
-        yield opt.step, [os.getpid(), *(p.pid for p in processes)]
+        yield opt.step, [os.getpid(), *pids]
 
 
 def small_tensors_seconds(count: int, numel: int, fuse_below_bytes: int, repeats: int) -> float:
