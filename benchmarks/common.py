@@ -152,3 +152,6 @@ def server_processes(
                 process.terminate()
             for process in processes:
                 process.join(timeout=30)
+                if process.is_alive():  # did not stop on SIGTERM within its grace
+                    process.kill()
+                    process.join(timeout=5)
