@@ -280,7 +280,7 @@ def run(quick: bool) -> list[Row]:
         "ddp": lambda: ddp_seconds(2, steps, warmup),
         "rpc": lambda: rpc_seconds(2, steps, warmup),
         **{name: partial(our_seconds, 2, 1, steps, warmup, **VARIANTS[name]) for name in variants},
-    }, rounds=1 if quick else 3)  # fmt: skip
+    }, rounds=2 if quick else 3)  # fmt: skip
     ddp, rpc_ps = seconds["ddp"], seconds["rpc"]
     ours = {name: seconds[name] for name in variants}
     rows = [

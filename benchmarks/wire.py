@@ -288,7 +288,7 @@ def run(quick: bool) -> list[Row]:
     rows = []
     for mib in sizes:
         nbytes = mib * 2**20
-        seconds = _all_seconds(nbytes, repeats, rounds=1 if quick else 3, model_sized_echo=not quick)
+        seconds = _all_seconds(nbytes, repeats, rounds=2 if quick else 3, model_sized_echo=not quick)
         raw, bare = seconds["raw"], seconds["bare"]
         # Our servers run handlers on a thread pool rather than grpc.aio: this row is why.
         rows.append(_row(f"wire: bare gRPC Python, {mib} MiB up and back, thread-pool server (ours) vs grpc.aio server",
