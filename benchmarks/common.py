@@ -127,11 +127,10 @@ def server_processes(
         try:
             for i in range(count):
                 argv = ["--port", "0", "--port-file", f"{tmp}/{i}.port", "--log-level", "WARNING", *flags]
-                address = "127.0.0.1"
-                if hosts is not None:
-                    address = hosts[i].address
+                host = hosts[i] if hosts is not None else None
+                address = "127.0.0.1" if host is None else host.address
+                if host is not None:
                     argv += ["--host", address]
-                host = hosts[i] if hosts else None
                 process: BaseProcess = context.Process(target=_serve, args=(host, argv, fresh))
                 processes.append(process)
                 process.start()

@@ -603,16 +603,18 @@ class Shard:
             return item.value
         slot = self._slot(item.key)
         with self._casting:
-            if slot.cast_version != item.version or slot.cast is None or slot.cast.dtype != travels:
-                if item.version != slot.version:
-                    return item.value.to(travels)
-                if slot.cast is None or slot.cast.dtype != travels:
-                    slot.cast = torch.empty(item.value.shape, dtype=travels)
-                # In place: in BSP nobody reads the last update's cast once a new one is
-                # there, as nobody reads the last update's weights (values_hold_still).
-                slot.cast.copy_(item.value)
-                slot.cast_version = item.version
-            return slot.cast
+            cast = slot.cast if slot.cast is not None and slot.cast.dtype == travels else None
+            if cast is not None and slot.cast_version == item.version:
+                return cast
+            if item.version != slot.version:
+                return item.value.to(travels)
+            if cast is None:
+                cast = slot.cast = torch.empty(item.value.shape, dtype=travels)
+            # In place: in BSP nobody reads the last update's cast once a new one is
+            # there, as nobody reads the last update's weights (values_hold_still).
+            cast.copy_(item.value)
+            slot.cast_version = item.version
+            return cast
 
     def reading(self) -> threading.Condition:
         """Hold this while reading pulled values: no update runs meanwhile."""
