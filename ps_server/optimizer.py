@@ -104,12 +104,18 @@ class ShardOptimizer:
         return decoded
 
     def step(
-        self, params: Sequence[torch.Tensor], options: Sequence[Mapping[str, Any]] | None, lr_scale: float = 1.0
+        self,
+        params: Sequence[torch.Tensor],
+        options: Sequence[Mapping[str, Any]] | None,
+        lr_scale: float = 1.0,
+        contributions: int = 1,
     ) -> None:
         """Apply one update to `params` (some of this shard's, `.grad` set).
 
         `options` are the worker's current hyperparameters (already checked);
-        `lr_scale` shrinks the learning rate for this step only.
+        `lr_scale` shrinks the learning rate for this step only;
+        `contributions`: each `.grad` is the sum of that many gradients, and
+        the update applies their mean (the gradients may be divided in place).
         """
         if options is not None:
             self.group_options = [dict(o) for o in options]
@@ -130,10 +136,26 @@ class ShardOptimizer:
                     torch_group["fused"] = True
                 if lr_scale != 1.0:
                     torch_group["lr"] = torch_group["lr"] * lr_scale
+            if contributions != 1:
+                self._average(params, stepped, contributions)
             self._torch.step()
         finally:
+            self._torch.grad_scale = None  # type: ignore[attr-defined]
             for torch_group, group_params in zip(self._torch.param_groups, held, strict=True):
                 torch_group["params"] = group_params
+
+    def _average(self, params: Sequence[torch.Tensor], stepped: list[list[torch.Tensor]], contributions: int) -> None:
+        """Make the coming step apply the mean of `contributions` summed gradients.
+        torch's fused kernels divide each gradient by `grad_scale` (the
+        attribute GradScaler sets to unscale, bit for bit a `div_`) in the
+        pass that updates it, which saves a pass over every gradient; the
+        other kernels refuse it, so without fusion the gradients are divided
+        first."""
+        if all(group.get("fused") for group, members in zip(self._torch.param_groups, stepped, strict=True) if members):
+            self._torch.grad_scale = torch.tensor(float(contributions))  # type: ignore[attr-defined]
+            return
+        for param in params:
+            param.grad.div_(contributions)  # type: ignore[union-attr]
 
     def state_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The torch optimizer's state as named tensors plus JSON-able rest."""

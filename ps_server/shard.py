@@ -352,11 +352,14 @@ class Shard:
                 slot.prune(slot.prune_threshold)
                 slot.prune_threshold = None
         with_grad = [s for s in ready if s.grad_sum is not None]
+        # Slots ready together have had the same contributors, but for a
+        # worker that departed or rejoined in between.
+        by_contributors: dict[int, list[Slot]] = {}
         for slot in with_grad:
-            if slot.contributors > 1:  # one gradient is its own mean: no pass over it
-                slot.grad_sum.div_(slot.contributors)  # type: ignore[union-attr]
             slot.value.grad = slot.grad_sum
-        self._step(optimizer, options, with_grad)
+            by_contributors.setdefault(slot.contributors, []).append(slot)
+        for contributors, slots in by_contributors.items():
+            self._step(optimizer, options, slots, contributions=contributors)
         self.buffers.give(slot.grad_sum for slot in with_grad)  # type: ignore[misc]
         for slot in ready:
             slot.grad_sum, slot.contributors = None, 0
@@ -432,6 +435,7 @@ class Shard:
         options: list[dict[str, Any]] | None,
         slots: list[Slot],
         lr_scale: float = 1.0,
+        contributions: int = 1,
     ) -> None:
         if not slots:
             return
@@ -440,7 +444,7 @@ class Shard:
             slot.value.grad.mul_(mask)  # type: ignore[union-attr]
         started = time.perf_counter()
         try:
-            optimizer.step([s.value for s in slots], options, lr_scale)
+            optimizer.step([s.value for s in slots], options, lr_scale, contributions)
         finally:
             for slot in slots:
                 slot.value.grad = None

@@ -82,3 +82,33 @@ def test_a_step_of_some_keys_updates_those_and_keeps_every_key_in_the_optimizer(
     state, _ = optimizer.state_parts()  # indexed in group order: group 0 holds keys 0 and 2
     assert sorted(state) == ["1/exp_avg", "1/exp_avg_sq", "1/step"]
     assert [len(g["params"]) for g in optimizer._torch.param_groups] == [2, 1]  # noqa: SLF001
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "fused"),
+    [
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}, True),
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True}, False),
+        ("Adam", {"lr": 0.01, "amsgrad": True}, True),
+        ("Adagrad", {"lr": 0.1}, True),
+        ("RMSprop", {"lr": 0.01}, True),  # no fused kernel: divided first
+    ],
+)
+def test_a_step_of_summed_gradients_applies_their_mean_bit_for_bit(
+    name: str, options: dict[str, float], fused: bool
+) -> None:
+    """BSP hands the optimizer the sum of the workers' gradients and their
+    count; the step must be torch's step on the mean, whichever kernel runs."""
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    ours, local = start.clone(), start.clone().requires_grad_()
+    spec = pb.OptimizerSpec(name=name, groups=[codec.options_to_proto(options)])
+    optimizer = ShardOptimizer(spec, [ours], groups=[0], fused=fused)
+    oracle = getattr(torch.optim, name)([local], **options, **({"fused": True} if fused and name != "RMSprop" else {}))
+    for _ in range(3):
+        summed = torch.randn(3, 1000).sum(dim=0)
+        ours.grad = summed.clone()
+        optimizer.step([ours], None, contributions=3)
+        local.grad = summed / 3
+        oracle.step()
+    assert torch.equal(ours, local.detach())
