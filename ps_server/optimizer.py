@@ -73,6 +73,7 @@ class ShardOptimizer:
             self._validate(options)
         param_groups = [{"params": m, **options} for m, options in zip(members, self.group_options, strict=True)]
         self._torch = cls(param_groups)
+        self._accepted: tuple[list[bytes] | None, list[dict[str, Any]]] = (None, [])  # see check_options
 
     def _validate(self, options: Mapping[str, Any]) -> None:
         """Let torch's constructor check the values (it checks only its own arguments,
@@ -86,7 +87,13 @@ class ShardOptimizer:
             raise InvalidArgument(f"{self.name} refused its hyperparameters: {exc}") from None
 
     def check_options(self, groups: Sequence[pb.ParamGroup]) -> list[dict[str, Any]]:
-        """Decode a push's hyperparameters, refusing any change of structure."""
+        """Decode a push's hyperparameters, refusing any change of structure
+        (the list returned is shared: not to be changed)."""
+        # Every request carries them, and they rarely change: the same bytes
+        # as the last ones accepted decode and check the same way.
+        encoded = [group.SerializeToString(deterministic=True) for group in groups]
+        if encoded == self._accepted[0]:
+            return self._accepted[1]
         if len(groups) != len(self.group_options):
             raise InvalidArgument(f"push has {len(groups)} param groups, the job has {len(self.group_options)}")
         decoded = [codec.options_from_proto(g) for g in groups]
@@ -101,6 +108,7 @@ class ShardOptimizer:
                     )
             if new != old:
                 self._validate(new)
+        self._accepted = (encoded, decoded)
         return decoded
 
     def step(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ps_common import codec
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_server.optimizer import ShardOptimizer
@@ -112,3 +113,24 @@ def test_a_step_of_summed_gradients_applies_their_mean_bit_for_bit(
         local.grad = summed / 3
         oracle.step()
     assert torch.equal(ours, local.detach())
+
+
+def test_hyperparameters_checked_once_are_checked_again_when_they_change() -> None:
+    """check_options remembers the last hyperparameters it accepted: the same
+    ones again decode the same, new ones are checked, bad ones refused."""
+    spec = pb.OptimizerSpec(name="SGD", groups=[codec.options_to_proto({"lr": 0.1, "momentum": 0.9})])
+    optimizer = ShardOptimizer(spec, [torch.zeros(2)], groups=[0])
+
+    def groups(**options: float) -> list[pb.ParamGroup]:
+        return list(pb.PushHeader(groups=[codec.options_to_proto({"lr": 0.1, "momentum": 0.9, **options})]).groups)
+
+    assert optimizer.check_options(groups()) == [{"lr": 0.1, "momentum": 0.9}]
+    assert optimizer.check_options(groups()) == [{"lr": 0.1, "momentum": 0.9}]
+    assert optimizer.check_options(groups(lr=0.05)) == [{"lr": 0.05, "momentum": 0.9}]
+    with pytest.raises(InvalidArgument, match="refused its hyperparameters"):
+        optimizer.check_options(groups(lr=-1.0))
+    with pytest.raises(InvalidArgument, match="refused its hyperparameters"):
+        optimizer.check_options(groups(lr=-1.0))  # a refusal is not remembered as accepted
+    assert optimizer.check_options(groups(lr=0.05)) == [{"lr": 0.05, "momentum": 0.9}]
+    with pytest.raises(InvalidArgument, match="param groups"):
+        optimizer.check_options(groups() * 2)
