@@ -3,7 +3,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ps_common import codec
 from ps_common.config import cli_args, parse_config, setting
 from ps_server.config import ServerConfig
 from ps_worker.client import pulls_while_pushing, push_request_bytes
@@ -71,7 +70,7 @@ def test_pull_while_pushing_is_off_by_default_only_when_every_server_is_on_loopb
 
 
 def test_push_requests_are_smaller_by_default_once_any_server_is_over_a_link() -> None:
-    assert push_request_bytes(None, ["127.0.0.1:5000", "localhost:5001"]) == codec.DEFAULT_CHUNK_BYTES
+    assert push_request_bytes(None, ["127.0.0.1:5000", "localhost:5001"]) == 2**22
     assert push_request_bytes(None, ["127.0.0.1:5000", "ps-server-1:5001"]) == 2**20
     assert push_request_bytes(12345, ["10.0.0.7:5000"]) == 12345
     assert push_request_bytes(12345, ["127.0.0.1:5000"]) == 12345
