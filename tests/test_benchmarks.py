@@ -39,6 +39,7 @@ def test_wire_measurements_run_and_rows_say_faster_is_higher() -> None:
         wire.raw_echo_seconds(SMALL, repeats=1),
         wire.raw_echo_seconds(SMALL, repeats=1, unix=True),
         wire.raw_echo_seconds(SMALL, repeats=1, model_sized=True),
+        wire.minimal_ps_seconds(SMALL + DEFAULT_CHUNK_BYTES, repeats=1),  # two messages, the second short
         wire.bare_grpc_seconds(SMALL, repeats=1),
         wire.bare_grpc_seconds(SMALL, repeats=1, use_aio=True),
         wire.ours_seconds(SMALL, servers=2, repeats=1),
