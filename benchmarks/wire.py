@@ -162,14 +162,13 @@ def _minimal_server(nbytes: int, addresses: Any) -> None:
         conn, _ = listener.accept()
         with conn:
             while True:
-                for start in range(0, nbytes, DEFAULT_CHUNK_BYTES):
-                    size = min(DEFAULT_CHUNK_BYTES, nbytes - start)
-                    if not _recv_exactly(conn, received[:size]):
+                for weights_range in torch.split(weights, len(grad)):
+                    size = len(weights_range)
+                    if not _recv_exactly(conn, received[: 4 * size]):
                         return  # the client left
-                    if not codec.all_finite(grad[: size // 4]):
+                    if not codec.all_finite(grad[:size]):
                         raise ValueError("gradient with NaN or Inf")
-                    weights_range = weights[start // 4 : (start + size) // 4]
-                    weights_range.add_(grad[: size // 4], alpha=-0.0)  # SGD at lr 0, as ours
+                    weights_range.add_(grad[:size], alpha=-0.0)  # SGD at lr 0, as ours
                     conn.sendall(_bytes_of(weights_range))
 
 
