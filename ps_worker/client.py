@@ -511,8 +511,7 @@ class PSClient:
             deadline = self.config.wait_log_interval + self.config.timeout
 
             def attempt(stub: ServerStub) -> None:
-                responses = stub.pull(request, timeout=deadline, one_message=fits_one_message)
-                codec.receive(responses, destination, complete)
+                stub.pull(request, deadline, destination, complete, one_message=fits_one_message)
 
             server_was_down = False
 
@@ -548,7 +547,7 @@ class PSClient:
                 return masks[part.name].view(-1)[part.start : part.stop]
 
             request = pb.PullRequest(worker_id=self.worker_id, masks=True)
-            self._call(server, lambda stub: codec.receive(stub.pull(request, self.config.timeout), destination))
+            self._call(server, lambda stub: stub.pull(request, self.config.timeout, destination))
 
         self._on_every_server(pull_server)
         return masks

@@ -18,7 +18,7 @@ import socket
 import ssl
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -205,14 +205,26 @@ class ServerStub:
             return self._grpc.PushOne.future(frames[0], timeout=timeout)  # type: ignore[no-any-return]
         return self._grpc.Push.future(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
 
-    def pull(self, request: pb.PullRequest, timeout: float, one_message: bool = False) -> Iterator[wire.Frame]:
-        """The answer's messages, each valid until the next is read. `one_message`:
-        the answer fits in one (gRPC: a unary call, refused if it does not fit)."""
+    def pull(
+        self,
+        request: pb.PullRequest,
+        timeout: float,
+        destination: codec.Allocator,
+        on_complete: Callable[[str], None] | None = None,
+        one_message: bool = False,
+    ) -> None:
+        """Read the answer into the tensors `destination` gives (codec.receive).
+        `one_message`: the answer fits in one (gRPC: a unary call, refused if
+        it does not fit). The answer is read here, not by the caller, because
+        on the data channel its tensor data is read from the connection as it
+        is assembled: a connection cut off midway fails with a status, as
+        anywhere else in the call."""
         if self._has_data_channel():
-            return self._pull(request, timeout)
-        if one_message:
-            return iter([self._grpc.PullOne(request, timeout=timeout)])
-        return self._grpc.Pull(request, timeout=timeout)  # type: ignore[no-any-return]
+            self._pull(request, timeout, destination, on_complete)
+        elif one_message:
+            codec.receive([self._grpc.PullOne(request, timeout=timeout)], destination, on_complete)
+        else:
+            codec.receive(self._grpc.Pull(request, timeout=timeout), destination, on_complete)
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
@@ -278,7 +290,13 @@ class ServerStub:
         finally:
             self._link_turn.release()
 
-    def _pull(self, request: pb.PullRequest, timeout: float) -> Iterator[wire.Frame]:
+    def _pull(
+        self,
+        request: pb.PullRequest,
+        timeout: float,
+        destination: codec.Allocator,
+        on_complete: Callable[[str], None] | None,
+    ) -> None:
         shared = self._shared_weights(timeout)
         reader = None
         if shared is not None:
@@ -290,15 +308,20 @@ class ServerStub:
         with self._connected(timeout) as connection:
             header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
             self._send(connection, header, request.SerializeToString())
-            while True:
-                header = self._answer_header(connection)
-                if header.last:
-                    return
-                message = wire.read_pull_strict(connection.stream, header.body_length)
-                if reader is not None:
-                    message = wire.Frame(message.header, reader.resolved(message.chunks))
-                yield message
-                wire.read_to_end(message)
+            codec.receive(self._answers(connection, reader), destination, on_complete)
+
+    @staticmethod
+    def _answers(connection: _Connection, reader: _SharedReader | None) -> Iterator[wire.Frame]:
+        """A Pull's answer, message by message, each valid until the next is read."""
+        while True:
+            header = ServerStub._answer_header(connection)
+            if header.last:
+                return
+            message = wire.read_pull_strict(connection.stream, header.body_length)
+            if reader is not None:
+                message = wire.Frame(message.header, reader.resolved(message.chunks))
+            yield message
+            wire.read_to_end(message)
 
     def _shared_weights(self, timeout: float) -> memoryview | None:
         """The server's weights, mapped read-only on first use (the "Share" call

@@ -501,3 +501,83 @@ def test_a_body_in_pieces_arrives_whole_through_partial_gather_writes() -> None:
     thread.join(timeout=30)
     assert received[0][0].method == "Push" and received[0][0].body_length == len(expected)
     assert received[0][1] == expected
+
+
+class _CuttingProxy:
+    """A TCP proxy in front of a server's data port. Once `cut(how)` is
+    called, the server's answers pass for `after` more bytes, then the
+    connection stalls (held open, as when a link goes down: nothing more
+    arrives) or is closed; connections after that one pass whole."""
+
+    def __init__(self, upstream: int, after: int) -> None:
+        self._upstream = upstream
+        self._after = after
+        self._how = ""
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.connections = 0
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self, how: str) -> None:
+        self._how = how
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            with self._lock:
+                self.connections += 1
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        left = None  # bytes still to pass before the cut, once armed
+        try:
+            while data := source.recv(2**16):
+                if answers and left is None and self._how:
+                    left, how, self._how = self._after, self._how, ""
+                if left is not None:
+                    data = data[:left]
+                    left -= len(data)
+                sink.sendall(data)
+                if left == 0:
+                    if how == "close":
+                        sink.shutdown(socket.SHUT_RDWR)
+                    return  # a stall: nothing more goes either way
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+
+@pytest.mark.parametrize("how", ["stall", "close"])
+def test_a_pull_cut_off_in_the_middle_of_a_tensor_is_retried_and_arrives_whole(how: str) -> None:
+    """The link goes down while a tensor's data streams in: the worker's
+    deadline (a stall) or the closed connection ends that attempt with a
+    status the client retries, and the next attempt reads the weights whole."""
+    weights = {"w": torch.randn(2**18)}  # 1 MiB: its data is read straight from the connection
+    config = ClientConfig(timeout=1.0, wait_log_interval=0.5, wait_timeout=30, data_socket=False)
+    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+        running = cluster.servers[0]
+        proxy = _CuttingProxy(_port(running), after=2**19)
+        running.service.data_port = proxy.port
+        try:
+            client.init(list(weights.items()), torch.optim.SGD(weights.values(), lr=0.1))
+            proxy.cut(how)
+            into = {"w": torch.zeros(2**18)}
+            started = time.monotonic()
+            client.pull(into, step=0)
+            assert torch.equal(into["w"], weights["w"])
+            assert proxy.connections == 2  # the attempt cut off, and the one that read it whole
+            assert time.monotonic() - started < 10
+        finally:
+            proxy.close()
