@@ -310,11 +310,10 @@ class ServerStub:
             self._send(connection, header, request.SerializeToString())
             codec.receive(self._answers(connection, reader), destination, on_complete)
 
-    @staticmethod
-    def _answers(connection: _Connection, reader: _SharedReader | None) -> Iterator[wire.Frame]:
+    def _answers(self, connection: _Connection, reader: _SharedReader | None) -> Iterator[wire.Frame]:
         """A Pull's answer, message by message, each valid until the next is read."""
         while True:
-            header = ServerStub._answer_header(connection)
+            header = self._answer_header(connection)
             if header.last:
                 return
             message = wire.read_pull_strict(connection.stream, header.body_length)

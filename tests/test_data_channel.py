@@ -549,7 +549,7 @@ class _CuttingProxy:
                 if left == 0:
                     if how == "close":
                         sink.shutdown(socket.SHUT_RDWR)
-                    return  # a stall: nothing more goes either way
+                    return  # stalled: nothing more of the answer arrives
         except OSError:
             pass
 
