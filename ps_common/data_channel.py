@@ -4,7 +4,7 @@ gRPC Python spends about twice a plain socket's CPU per byte it moves
 (benchmarks/wire.py measures both), and on a parameter server Init, Push
 and Pull carry nearly every byte. So they may travel on a TCP connection
 of their own beside gRPC (with TLS when gRPC has it), or on a Unix socket
-from a worker on the server's host (ps_server.data_server): the same protobuf
+from a worker on the server's host (ps_server.transport.socket_server): the same protobuf
 messages as on gRPC, each after a small DataHeader, written from the
 tensors' memory by gather writes and read, tensor data straight into its
 destination tensor (ps_common.wire), everything else into one reused
@@ -22,42 +22,23 @@ import struct
 from collections.abc import Sequence
 from typing import Any, cast
 
-import grpc
 from google.protobuf.message import DecodeError
 
 from ps_common.codec import DEFAULT_CHUNK_BYTES
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
+
+__all__ = ["BODY_LIMIT", "HEADER_LIMIT", "Closed", "Receiver", "read_with_fds", "tune", "write"]
 
 HEADER_LIMIT = 64 * 2**10
 BODY_LIMIT = DEFAULT_CHUNK_BYTES + 64 * 2**10  # gRPC's default message limit, 4 MiB
 _LENGTH = struct.Struct("<I")
 _SMALL = 64 * 2**10  # bodies up to this size go out with their header in one send
 _IOV_MAX = 1024  # Linux's limit on the pieces of one sendmsg
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-class ChannelError(grpc.RpcError):  # type: ignore[misc]
-    """A failed data-channel call, with a gRPC status: callers handle both
-    transports' failures alike."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 class Closed(ConnectionError):
     """The peer closed the connection."""
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
 
 
 def tune(sock: socket.socket) -> None:
@@ -172,7 +153,7 @@ class Receiver:
     def read_header(self) -> pb.DataHeader:
         """The next message's header; its body (`body_length` bytes) follows in
         `stream`. Raises Closed at a clean end of the stream before it,
-        ChannelError(INVALID_ARGUMENT) for a header that breaks the rules."""
+        InvalidArgument for a header that breaks the rules."""
         return _read_header(self.stream, self._limit)
 
     def read_body(self, header: pb.DataHeader) -> memoryview:
@@ -191,18 +172,13 @@ def _read_header(stream: io.BufferedIOBase, body_limit: int) -> pb.DataHeader:
         raise Closed("connection closed")
     (size,) = _LENGTH.unpack(_fill(stream, prefix, _LENGTH.size))
     if size > HEADER_LIMIT:
-        raise ChannelError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"data header of {size} bytes; the limit is {HEADER_LIMIT}"
-        )
+        raise InvalidArgument(f"data header of {size} bytes; the limit is {HEADER_LIMIT}")
     try:
         header = pb.DataHeader.FromString(_fill(stream, b"", size))
     except DecodeError as exc:
-        raise ChannelError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed data header: {exc}") from None
+        raise InvalidArgument(f"malformed data header: {exc}") from None
     if header.body_length > body_limit:
-        raise ChannelError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"message of {header.body_length} bytes; the limit is {body_limit} (send chunks)",
-        )
+        raise InvalidArgument(f"message of {header.body_length} bytes; the limit is {body_limit} (send chunks)")
     return header
 
 

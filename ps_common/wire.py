@@ -27,15 +27,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError, Message
 
 from ps_common.codec import Chunk
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
-from ps_common.proto import ps_pb2_grpc
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+METHODS = tuple(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name)
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 _DATA, _INDICES = 5, 8  # TensorChunk's bulk fields
@@ -397,48 +396,3 @@ def _strict(frame: Frame | Malformed) -> Frame:
     if isinstance(frame, Malformed):
         raise InvalidArgument(f"server sent a {frame.reason}")
     return frame
-
-
-# -- stubs and handlers ------------------------------------------------------------------
-
-
-class Stub(ps_pb2_grpc.ParameterServerStub):
-    """The generated stub, with Init, Push and Pull taking and giving Frames."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        super().__init__(channel)  # type: ignore[no-untyped-call]
-        prefix = f"/{SERVICE}/"
-        self.Init = channel.stream_unary(prefix + "Init", encode_request, pb.InitResponse.FromString)
-        self.Push = channel.stream_unary(prefix + "Push", encode_request, pb.PushResponse.FromString)
-        self.PushOne = channel.unary_unary(prefix + "PushOne", encode_request, pb.PushResponse.FromString)
-        self.Pull = channel.unary_stream(prefix + "Pull", pb.PullRequest.SerializeToString, decode_pull_strict)
-        self.PullOne = channel.unary_unary(prefix + "PullOne", pb.PullRequest.SerializeToString, decode_pull_strict)
-
-
-def add_servicer(servicer: ps_pb2_grpc.ParameterServerServicer, server: grpc.Server) -> None:
-    """Register `servicer`: every method receives its request or, for bytes
-    that do not parse, a Malformed; Init and Push receive Frames; Pull and
-    PullOne answer PullResponses already serialized."""
-    handlers = {
-        "Hello": grpc.unary_unary_rpc_method_handler(
-            servicer.Hello, lenient(pb.HelloRequest), pb.HelloResponse.SerializeToString
-        ),
-        "Init": grpc.stream_unary_rpc_method_handler(servicer.Init, decode_init, pb.InitResponse.SerializeToString),
-        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, decode_push, pb.PushResponse.SerializeToString),
-        "PushOne": grpc.unary_unary_rpc_method_handler(
-            servicer.PushOne, decode_push, pb.PushResponse.SerializeToString
-        ),
-        # The servicer serializes its answers itself (from wire.pull_parts).
-        "Pull": grpc.unary_stream_rpc_method_handler(servicer.Pull, lenient(pb.PullRequest), None),
-        "PullOne": grpc.unary_unary_rpc_method_handler(servicer.PullOne, lenient(pb.PullRequest), None),
-        "Stats": grpc.unary_unary_rpc_method_handler(
-            servicer.Stats, lenient(pb.StatsRequest), pb.StatsResponse.SerializeToString
-        ),
-        "Checkpoint": grpc.unary_unary_rpc_method_handler(
-            servicer.Checkpoint, lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
-        ),
-    }
-    missing = set(pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name) - set(handlers)
-    if missing:
-        raise RuntimeError(f"proto methods without a handler: {sorted(missing)}")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -4,6 +4,6 @@ tests use `ps_server.harness.InProcessCluster`."""
 
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
-from ps_server.service import RunningServer, start_server
+from ps_server.server import RunningServer, start_server
 
 __all__ = ["InProcessCluster", "RunningServer", "ServerConfig", "start_server"]

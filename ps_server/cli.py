@@ -16,7 +16,7 @@ import torch
 from ps_common.config import parse_config
 from ps_common.log import setup_logging
 from ps_server.config import ServerConfig
-from ps_server.service import start_server
+from ps_server.server import start_server
 
 log = logging.getLogger("ps_server")
 

@@ -16,7 +16,7 @@ import dataclasses
 from types import TracebackType
 
 from ps_server.config import ServerConfig
-from ps_server.service import RunningServer, start_server
+from ps_server.server import RunningServer, start_server
 
 
 class InProcessCluster:

@@ -61,6 +61,10 @@ class _ShardCollector(Collector):
             if name.startswith("rejected_"):
                 rejected.add_metric([name.removeprefix("rejected_")], value)
         yield rejected
+        calls = CounterMetricFamily("ps_data_channel_calls", "Calls served on the data channel", labels=["socket"])
+        for socket, counter in (("tcp", "calls_tcp"), ("unix", "calls_unix_socket")):
+            calls.add_metric([socket], counters.get(counter, 0))
+        yield calls
         yield GaugeMetricFamily(
             "ps_shard_version", "Lowest update count over the shard's keys", value=snapshot["version"]
         )

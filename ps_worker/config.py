@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ps_common.config import setting
-from ps_worker.client import ClientConfig
+from ps_worker.client_config import ClientConfig
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 

@@ -17,16 +17,15 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
-from rich.table import Table
 
 from ps_common import codec
 from ps_common.config import parse_config, setting
-from ps_common.errors import FailedPrecondition
+from ps_common.errors import FailedPrecondition, PSError
 from ps_common.proto import ps_pb2 as pb
-from ps_common.proto import ps_pb2_grpc
-from ps_worker.client import ClientConfig
+from ps_worker.client_config import ClientConfig
 from ps_worker.export import ExportedModel
+from ps_worker.transport import open_channel
+from ps_worker.transport.grpc_client import GrpcTransport
 
 COMMANDS = ("status", "health", "checkpoint", "export")
 
@@ -38,22 +37,34 @@ class CtlConfig:
     client: ClientConfig = field(default_factory=ClientConfig)  # deadline and credentials
 
 
-def health_of(channel: grpc.Channel, timeout: float) -> str:
+HEADINGS = ("server", "health", "mode", "keys", "bytes", "version", "workers", "last push")
+
+
+def health_of(address: str, client: ClientConfig) -> str:
     """The server's overall health status name, or why it could not be asked."""
-    try:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    except grpc.RpcError as exc:
-        return f"unreachable ({exc.code().name})"
+    with open_channel(address, client.security()) as channel:
+        try:
+            request = health_pb2.HealthCheckRequest()
+            response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=client.timeout)
+        except grpc.RpcError as exc:
+            return f"unreachable ({exc.code().name})"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
+def _server(address: str, client: ClientConfig) -> GrpcTransport:
+    """The server at `address`, over gRPC (the port an operator can reach)."""
+    return GrpcTransport(address, client.security())
+
+
 def _status_row(address: str, client: ClientConfig) -> list[str]:
-    with client.channel(address) as channel:
-        health = health_of(channel, client.timeout)
-        try:
-            stats = _stub(channel).Stats(pb.StatsRequest(), timeout=client.timeout)
-        except grpc.RpcError as exc:
-            return [address, health, "-", "-", "-", "-", "-", exc.code().name]
+    health = health_of(address, client)
+    server = _server(address, client)
+    try:
+        stats = server.stats(client.timeout)
+    except PSError as exc:
+        return [address, health, "-", "-", "-", "-", "-", exc.code.name]
+    finally:
+        server.close()
     if not stats.initialized:
         return [address, health, "waiting for Init", "0", "0", "-", "-", "never"]
     versions = [k.version for k in stats.keys]
@@ -70,12 +81,8 @@ def _status_row(address: str, client: ClientConfig) -> list[str]:
     ]
 
 
-def _stub(channel: grpc.Channel) -> ps_pb2_grpc.ParameterServerStub:
-    return ps_pb2_grpc.ParameterServerStub(channel)  # type: ignore[no-untyped-call]
-
-
 def _pull_whole(
-    stub: ps_pb2_grpc.ParameterServerStub,
+    server: GrpcTransport,
     specs: dict[str, pb.KeySpec],
     whole: dict[str, torch.Tensor],
     masks: bool,
@@ -100,7 +107,7 @@ def _pull_whole(
                 whole[part.tensor].view(-1).copy_(values)
 
     request = pb.PullRequest(worker_id=0, step=0, masks=masks)
-    codec.receive(stub.Pull(request, timeout=timeout), destination, complete)
+    server.pull(request, timeout, destination, complete)
 
 
 def _parameters_of(spec: pb.KeySpec) -> list[tuple[str, tuple[int, ...]]]:
@@ -115,9 +122,9 @@ def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> Expor
     weights: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
     for address in addresses:
-        with client.channel(address) as channel:
-            stub = _stub(channel)
-            stats = stub.Stats(pb.StatsRequest(), timeout=client.timeout)
+        server = _server(address, client)
+        try:
+            stats = server.stats(client.timeout)
             if not stats.initialized:
                 raise FailedPrecondition(f"{address} has not been initialized: nothing to export")
             specs = {k.key: k for k in stats.job.keys}
@@ -125,18 +132,20 @@ def export_from_servers(addresses: Sequence[str], client: ClientConfig) -> Expor
                 dtype = codec.dtype_from_proto(spec.dtype)
                 for name, shape in _parameters_of(spec):
                     weights.setdefault(name, torch.empty(shape, dtype=dtype))
-            _pull_whole(stub, specs, weights, masks=False, timeout=client.timeout)
-            _pull_whole(stub, specs, masks, masks=True, timeout=client.timeout)
+            _pull_whole(server, specs, weights, masks=False, timeout=client.timeout)
+            _pull_whole(server, specs, masks, masks=True, timeout=client.timeout)
+        finally:
+            server.close()
     return ExportedModel(weights, masks)
 
 
-def status_table(addresses: Sequence[str], client: ClientConfig) -> Table:
-    table = Table(title="parameter servers")
-    for column in ("server", "health", "mode", "keys", "bytes", "version", "workers", "last push"):
-        table.add_column(column)
-    for address in addresses:
-        table.add_row(*_status_row(address, client))
-    return table
+def status_table(addresses: Sequence[str], client: ClientConfig) -> str:
+    """Every server's row under the headings, in aligned columns."""
+    rows = [list(HEADINGS), *(_status_row(address, client) for address in addresses)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADINGS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,29 +160,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(CtlConfig, f"ps-ctl {command}", args)
     addresses = [a.strip() for a in config.servers.split(",") if a.strip()]
     if command == "health":
-        statuses = {}
-        for address in addresses:
-            with config.client.channel(address) as channel:
-                statuses[address] = health_of(channel, config.client.timeout)
+        statuses = {address: health_of(address, config.client) for address in addresses}
         for address, status in statuses.items():
             print(f"{address}: {status}")
         return 0 if all(s == "SERVING" for s in statuses.values()) else 1
     try:
         if command == "checkpoint":
             for address in addresses:
-                with config.client.channel(address) as channel:
-                    response = _stub(channel).Checkpoint(pb.CheckpointRequest(), timeout=config.client.timeout)
+                server = _server(address, config.client)
+                try:
+                    response = server.checkpoint(config.client.timeout)
+                finally:
+                    server.close()
                 print(f"{address}: {response.path} (version {response.version})")
         elif command == "export":
             exported = export_from_servers(addresses, config.client)
             exported.save(config.out)
             print(f"wrote {len(exported.state_dict)} parameters to {config.out}")
         else:
-            Console().print(status_table(addresses, config.client))
-    except grpc.RpcError as exc:
-        print(f"ps-ctl {command} failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    except FailedPrecondition as exc:
+            print(status_table(addresses, config.client))
+    except PSError as exc:
         print(f"ps-ctl {command} failed: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import socket
 
-import grpc
-
 from ps_common import data_channel
+from ps_common.errors import Code
 from ps_common.proto import ps_pb2 as pb
 
 
 def data_call(
     port: int, method: str, bodies: list[bytes], token: str = "", end: bool = True
-) -> tuple[grpc.StatusCode, str, list[bytes]]:
+) -> tuple[Code, str, list[bytes]]:
     """Send `bodies` as one call's messages (then, with `end`, the message
     marked last); the server's status, its details and its answer's bodies."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
@@ -26,11 +25,11 @@ def data_call(
         while True:
             header, body = receiver.read()
             if header.last:
-                return data_channel.status_code(header.code), header.details, answers
+                return Code(header.code), header.details, answers
             answers.append(bytes(body))
 
 
-def data_pull(port: int, request: pb.PullRequest) -> tuple[grpc.StatusCode, str, list[bytes]]:
+def data_pull(port: int, request: pb.PullRequest) -> tuple[Code, str, list[bytes]]:
     """A Pull: one message, marked last, carrying the request."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         data_channel.write(sock, pb.DataHeader(method="Pull", last=True), request.SerializeToString())
@@ -39,5 +38,5 @@ def data_pull(port: int, request: pb.PullRequest) -> tuple[grpc.StatusCode, str,
         while True:
             header, body = receiver.read()
             if header.last:
-                return data_channel.status_code(header.code), header.details, answers
+                return Code(header.code), header.details, answers
             answers.append(bytes(body))

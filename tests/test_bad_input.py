@@ -22,7 +22,7 @@ from tests.training import SPLITTING, batches, loss_of, small_model
 
 
 def _snapshot(shard: Shard) -> dict[str, Any]:
-    """Everything a bad request must not change (rejection metrics aside)."""
+    """Everything a bad request must not change (rejection and call counts aside)."""
     optimizer = shard._optimizer._torch if shard._optimizer else None  # noqa: SLF001
     return {
         "job": copy.deepcopy(shard.job),
@@ -30,7 +30,7 @@ def _snapshot(shard: Shard) -> dict[str, Any]:
         "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
         "clocks": dict(shard._clocks()),  # noqa: SLF001
-        "counters": {k: v for k, v in shard.counters.items() if not k.startswith("rejected_")},
+        "counters": {k: v for k, v in shard.counters.items() if not k.startswith(("rejected_", "calls_"))},
     }
 
 

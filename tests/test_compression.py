@@ -276,7 +276,7 @@ def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(mode: str) -> N
             )  # fmt: skip
             oracle, sent, sent_bytes = Compressor(Compression("topk", topk_ratio=0.1)), torch.zeros(3000), 0
             for grad in grads[rank]:
-                for piece in client._pieces_of["w"]:
+                for piece in client.layout.pieces_of["w"]:
                     (part,) = piece.parts
                     payload = oracle.encode(piece.key, grad[part.start : part.stop])
                     sent[part.start : part.stop] += _round_trip(payload)
@@ -306,7 +306,7 @@ def test_the_server_applies_exactly_what_was_sent(method: str) -> None:
             torch.optim.SGD([weights], lr=1.0), client, named_parameters=[("w", weights)],
             compression=Compression(method, topk_ratio=0.1),  # type: ignore[arg-type]
         )  # fmt: skip
-        pieces = client._pieces_of["w"]
+        pieces = client.layout.pieces_of["w"]
         assert len({p.server for p in pieces}) == 2
         for _ in range(4):
             weights.grad = torch.randn(3000)

@@ -107,16 +107,6 @@ def test_asp_applies_every_push_on_arrival_without_waiting() -> None:
         assert [k.version for k in stats.keys] == [4]  # weight and bias, fused into one key
 
 
-class _Context:
-    """The little of a gRPC context that ParameterService uses."""
-
-    def time_remaining(self) -> None:
-        return None
-
-    def abort(self, code: object, details: str) -> None:
-        raise AssertionError(details)
-
-
 def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes_before_it_is_sent() -> None:
     """In ASP a push may be applied while a Pull answer is still on its way:
     each message is copied when cut (BSP sends views: nothing can change)."""
@@ -125,13 +115,13 @@ def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
                                    named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
         service = cluster.servers[0].service
-        answer = service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())
+        answer = service.pull(pb.PullRequest(worker_id=0, step=0), None)
         first = next(answer)  # cut, not yet sent (valid until the answer moves on)
         before = _decoded(first)
         _step(model, opt, 1.0)  # applied at once
         assert all(torch.equal(value, before[key]) for key, value in _decoded(first).items())
         answer.close()
-        again = service.pull_parts(pb.PullRequest(worker_id=0, step=0), _Context())
+        again = service.pull(pb.PullRequest(worker_id=0, step=0), None)
         after = _decoded(next(again))
         again.close()
         assert all(torch.allclose(after[key], before[key] - 0.1) for key in before)

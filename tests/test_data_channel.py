@@ -14,21 +14,21 @@ import threading
 import time
 from collections.abc import Iterator
 
-import grpc
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ps_common import codec, data_channel, wire
-from ps_common.errors import InvalidArgument, ResourceExhausted
+from ps_common.errors import Code, InvalidArgument, PSError, ResourceExhausted
 from ps_common.proto import ps_pb2 as pb
+from ps_server import RunningServer, start_server
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
-from ps_server.service import RunningServer, start_server
 from ps_server.shard import Shard
 from ps_server.shared_weights import SharedWeights
-from ps_worker import ClientConfig, DistributedOptimizer, PSClient, data_client
+from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from ps_worker.transport import ClientSecurity, socket_client
 from tests.raw_data_channel import data_call, data_pull
 from tests.test_bad_input import _assert_same, _snapshot
 from tests.training import SPLITTING, batches, loss_of, small_model, train_distributed
@@ -59,6 +59,12 @@ def _port(server: RunningServer) -> int:
     return server.data_server.port
 
 
+def _calls(server: RunningServer) -> tuple[int, int]:
+    """The calls the server's data channel took over TCP and over its Unix socket."""
+    counters = server.shard.counters
+    return counters["calls_tcp"], counters["calls_unix_socket"]
+
+
 def _unchanged(before: dict, server: RunningServer) -> None:  # type: ignore[type-arg]
     """The shard as `before`, but for the pulls _still_serving made."""
     after = _snapshot(server.shard)
@@ -69,7 +75,7 @@ def _unchanged(before: dict, server: RunningServer) -> None:  # type: ignore[typ
 
 def _still_serving(server: RunningServer) -> None:
     code, details, answers = data_pull(_port(server), pb.PullRequest(worker_id=0, step=0))
-    assert code == grpc.StatusCode.OK, details
+    assert code == Code.OK, details
     assert answers
 
 
@@ -104,9 +110,10 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
         data_server, pushes = cluster.servers[0].data_server, shard.counters["pushes"]
         assert pushes >= 3  # each step's push, in one request or more
         shares = 1 if data_socket else 0
-        # Init, first pull, pushes, pulls, and on the Unix socket the Share before the first pull
-        assert data_server is not None and data_server.calls == 1 + 1 + pushes + 3 + shares
-        assert data_server.local_calls == (data_server.calls if data_socket else 0)
+        # Hello, Init, first pull, pushes, pulls, and on the Unix socket the Share before the first pull
+        calls = _calls(cluster.servers[0])
+        assert data_server is not None and sum(calls) == 1 + 1 + 1 + pushes + 3 + shares
+        assert calls == ((0, sum(calls)) if data_socket else (sum(calls), 0))
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         assert shard.counters["bytes_shared"] == (weights * 4 if data_socket else 0)  # 4 pulls, none sent
         assert shard.counters["bytes_out"] == (0 if data_socket else weights * 4)
@@ -119,14 +126,15 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
 def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypatch, over_a_link: bool) -> None:  # type: ignore[no-untyped-def]
     """Two pushes sending at once over a link would share its bandwidth; on
     this host the second goes at once."""
-    monkeypatch.setattr(data_client, "crosses_a_link", lambda sock: over_a_link)
+    monkeypatch.setattr(socket_client, "crosses_a_link", lambda sock: over_a_link)
     model = small_model()
     config = dataclasses.replace(SPLITTING, data_socket=False)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
-        client._prepare_push({name: torch.zeros_like(p) for name, p in model.named_parameters()}, 0, None)
-        header, payloads = client._last_push  # type: ignore[misc]
-        frames = list(client._messages(header, client._pieces[0], payloads))
+        header = pb.PushHeader(worker_id=0, step=0)
+        chunks = [chunk for piece in client.layout.pieces[0]
+                  for chunk in codec.tensor_to_chunks(piece.key, torch.zeros(piece.numel))]  # fmt: skip
+        frames = [wire.Frame(header=header, chunks=chunks[:1]), *(wire.Frame(chunks=[c]) for c in chunks[1:])]
         first_sending, first_may_end, second_started = threading.Event(), threading.Event(), threading.Event()
 
         def first() -> Iterator[wire.Frame]:
@@ -139,50 +147,57 @@ def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypat
             second_started.set()
             yield from frames
 
-        stub = client._stubs[0]
+        transport = _socket_transport(cluster.servers[0])
         # The second starts once the first is sending: started together, either may take the first turn.
-        calls = [stub.push_future(first(), timeout=30)]
+        calls = [transport.push(first(), timeout=30)]
         assert first_sending.wait(10)
-        calls.append(stub.push_future(second(), timeout=30))
+        calls.append(transport.push(second(), timeout=30))
         assert second_started.wait(0.5) is not over_a_link
         first_may_end.set()
         for call in calls:
             call.result(timeout=30)
         assert second_started.is_set()
         assert cluster.servers[0].shard.stats().keys[0].version == 1  # the repeat counted once
+        transport.close()
+
+
+def _socket_transport(server: RunningServer) -> socket_client.SocketTransport:
+    """The server's data channel over TCP, as a worker on another host reaches it."""
+    return socket_client.SocketTransport(server.address, "127.0.0.1", _port(server), "", ClientSecurity())
 
 
 def test_only_tcp_to_another_host_crosses_a_link() -> None:
     unix, other_end = socket.socketpair()
     with unix, other_end, socket.create_server(("127.0.0.1", 0)) as listener:
-        assert not data_client.crosses_a_link(unix)
+        assert not socket_client.crosses_a_link(unix)
         with socket.create_connection(listener.getsockname()) as loopback:
-            assert not data_client.crosses_a_link(loopback)
+            assert not socket_client.crosses_a_link(loopback)
         unconnected = socket.socket()
         with unconnected:
-            assert not data_client.crosses_a_link(unconnected)  # its first send will fail instead
+            assert not socket_client.crosses_a_link(unconnected)  # its first send will fail instead
         # TCP to another host: tests/test_multihost.py.
 
 
 def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
     with InProcessCluster(num_servers=1) as cluster:
-        stub = data_client.ServerStub(grpc.insecure_channel(cluster.addresses[0]), "127.0.0.1", pb.HelloRequest(), None)
+        transport = _socket_transport(cluster.servers[0])
         link = type("Link", (), {"over_link": True})()
         with (
-            stub._one_sending_over_a_link(link, timeout=1.0),  # type: ignore[arg-type]
-            pytest.raises(data_channel.ChannelError, match="waited 0.2s for the push before"),
-            stub._one_sending_over_a_link(link, timeout=0.2),  # type: ignore[arg-type]
+            transport._one_sending_over_a_link(link, timeout=1.0),  # type: ignore[arg-type]
+            pytest.raises(PSError, match="waited 0.2s for the push before") as refused,
+            transport._one_sending_over_a_link(link, timeout=0.2),  # type: ignore[arg-type]
         ):
             pass
-        with stub._one_sending_over_a_link(link, timeout=0.2):  # type: ignore[arg-type]
+        assert refused.value.code == Code.DEADLINE_EXCEEDED
+        with transport._one_sending_over_a_link(link, timeout=0.2):  # type: ignore[arg-type]
             pass  # its turn, once the first has sent
-        stub.close()
+        transport.close()
 
 
 def test_pushes_over_a_link_train_the_same_weights(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     over_tcp = dataclasses.replace(SPLITTING, data_socket=False)  # each push in several requests
     here = _weights(over_tcp)
-    monkeypatch.setattr(data_client, "crosses_a_link", lambda sock: True)
+    monkeypatch.setattr(socket_client, "crosses_a_link", lambda sock: True)
     assert all(torch.equal(a, b) for a, b in zip(here, _weights(over_tcp), strict=True))
 
 
@@ -220,39 +235,39 @@ def test_shared_weights_are_the_weights_and_can_only_be_read(server) -> None:  #
 def test_weights_are_shared_only_on_the_unix_socket_and_only_where_they_hold_still(server) -> None:  # type: ignore[no-untyped-def]
     running, key = server
     code, details, _ = data_call(_port(running), "Share", [])
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "Unix socket" in details  # TCP: another host
+    assert code == Code.FAILED_PRECONDITION and "Unix socket" in details  # TCP: another host
     # The module's server runs ASP, where weights change under a reader: bytes, though the client asks.
     code, _, answers = data_pull(_port(running), pb.PullRequest(worker_id=0, step=0, shared=True))
     chunks = [chunk for answer in answers for chunk in pb.PullResponse.FromString(answer).chunks]
-    assert code == grpc.StatusCode.OK and chunks and not any(chunk.HasField("shared") for chunk in chunks)
+    assert code == Code.OK and chunks and not any(chunk.HasField("shared") for chunk in chunks)
     assert all(chunk.data for chunk in chunks if chunk.key == key)
 
 
 def test_a_shared_range_outside_the_weights_is_refused() -> None:
     shared = memoryview(bytes(64))
     inside = codec.Chunk(key="k", dtype=pb.FLOAT32, shape=[16], shared=(0, 64))
-    (resolved,) = data_client._SharedReader(shared, None).resolved([inside])
+    (resolved,) = socket_client._SharedReader(shared, None).resolved([inside])
     assert len(resolved.data) == 64 and resolved.shared is None
     with pytest.raises(InvalidArgument, match="past the end"):
-        list(data_client._SharedReader(shared, None).resolved([dataclasses.replace(inside, shared=(8, 64))]))
+        list(socket_client._SharedReader(shared, None).resolved([dataclasses.replace(inside, shared=(8, 64))]))
 
 
 def test_a_shared_range_pulled_in_bf16_is_rounded_as_the_server_casts_what_it_sends() -> None:
     values = torch.randn(16) * 1e3
     shared = memoryview(values.numpy().tobytes())
     chunk = codec.Chunk(key="k", dtype=pb.FLOAT32, shape=[16], shared=(0, 64))
-    (resolved,) = data_client._SharedReader(shared, torch.bfloat16).resolved([chunk])
+    (resolved,) = socket_client._SharedReader(shared, torch.bfloat16).resolved([chunk])
     (sent,) = codec.tensor_to_chunks("k", values, cast_to=torch.bfloat16)
     assert (resolved.dtype, bytes(resolved.data), resolved.shared) == (pb.BFLOAT16, bytes(sent.data), None)
     # Keys rounded one after the other share a buffer: each is read before the next.
     halves = [dataclasses.replace(chunk, key=k, shape=[8], shared=(32 * i, 32)) for i, k in enumerate("ab")]
-    read = [bytes(c.data) for c in data_client._SharedReader(shared, torch.bfloat16).resolved(halves)]
+    read = [bytes(c.data) for c in socket_client._SharedReader(shared, torch.bfloat16).resolved(halves)]
     assert b"".join(read) == bytes(sent.data)
     assert not torch.equal(values, values.to(torch.bfloat16).float())  # the rounding shows
     with pytest.raises(InvalidArgument, match="not whole elements"):
-        list(data_client._SharedReader(shared, torch.bfloat16).resolved([dataclasses.replace(chunk, shared=(0, 62))]))
+        list(socket_client._SharedReader(shared, torch.bfloat16).resolved([dataclasses.replace(chunk, shared=(0, 62))]))
     integers = codec.Chunk(key="i", dtype=pb.INT64, shape=[8], shared=(0, 64))
-    (as_stored,) = data_client._SharedReader(shared, torch.bfloat16).resolved([integers])
+    (as_stored,) = socket_client._SharedReader(shared, torch.bfloat16).resolved([integers])
     assert (as_stored.dtype, bytes(as_stored.data)) == (pb.INT64, bytes(shared))
 
 
@@ -305,16 +320,16 @@ def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> 
     running, _ = server
     before = _snapshot(running.shard)
     port = _port(running)
-    assert data_call(port, "Checkpoint", [b""])[0] == grpc.StatusCode.UNIMPLEMENTED
+    assert data_call(port, "Frobnicate", [b""])[0] == Code.UNIMPLEMENTED
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         sock.sendall(struct.pack("<I", data_channel.HEADER_LIMIT + 1))
         header, _ = data_channel.Receiver(stream).read()
-        assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
+        assert Code(header.code) == Code.INVALID_ARGUMENT and "limit" in header.details
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         head = pb.DataHeader(method="Push", body_length=data_channel.BODY_LIMIT + 1).SerializeToString()
         sock.sendall(struct.pack("<I", len(head)) + head)
         header, _ = data_channel.Receiver(stream).read()
-        assert data_channel.status_code(header.code) == grpc.StatusCode.INVALID_ARGUMENT and "limit" in header.details
+        assert Code(header.code) == Code.INVALID_ARGUMENT and "limit" in header.details
     _still_serving(running)
     _unchanged(before, running)
 
@@ -323,16 +338,16 @@ def test_the_data_channel_requires_the_token() -> None:
     with InProcessCluster(num_servers=1, config=ServerConfig(auth_token="s3cret")) as cluster:
         port = _port(cluster.servers[0])
         code, details, _ = data_pull(port, pb.PullRequest())
-        assert code == grpc.StatusCode.UNAUTHENTICATED and "token" in details
+        assert code == Code.UNAUTHENTICATED and "token" in details
         assert data_call(port, "Pull", [pb.PullRequest().SerializeToString()], token="s3cret")[0] != (
-            grpc.StatusCode.UNAUTHENTICATED
+            Code.UNAUTHENTICATED
         )
         for token, code in (
-            ("wrong", grpc.StatusCode.UNAUTHENTICATED),
-            ("s3cret", grpc.StatusCode.FAILED_PRECONDITION),
+            ("wrong", Code.UNAUTHENTICATED),
+            ("s3cret", Code.FAILED_PRECONDITION),
         ):
             header, _, fds = _share(cluster.servers[0], token)  # before Init, even the right token gets nothing
-            assert data_channel.status_code(header.code) == code and fds == []
+            assert Code(header.code) == code and fds == []
 
 
 def test_a_push_cut_off_in_the_middle_applies_nothing(server) -> None:  # type: ignore[no-untyped-def]
@@ -410,8 +425,8 @@ def test_a_unix_socket_out_of_reach_leaves_the_worker_on_tcp() -> None:
         running.service.data_socket = "ps-data-of-a-server-on-another-host"
         model = small_model()
         train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4))
-        assert running.data_server is not None
-        assert running.data_server.calls > 0 and running.data_server.local_calls == 0
+        tcp, unix = _calls(running)
+        assert tcp > 0 and unix == 0
 
 
 @FUZZ
@@ -424,23 +439,21 @@ def test_random_frames_never_take_the_data_channel_down(server, frames: list[byt
         sock.shutdown(socket.SHUT_WR)
         try:
             header, _ = data_channel.Receiver(stream).read()
-            assert data_channel.status_code(header.code) not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+            assert Code(header.code) not in (Code.INTERNAL, Code.UNKNOWN)
         except data_channel.Closed:
             pass  # too short to be a message: the server just closed
     _still_serving(running)
 
 
 @FUZZ
-@given(
-    bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(["Init", "Push", "Pull"])
-)
+@given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(list(wire.METHODS)))
 def test_random_bodies_get_a_status_and_change_nothing(server, bodies: list[bytes], method: str) -> None:  # type: ignore[no-untyped-def]
     running, _ = server
     before = _snapshot(running.shard)
     code, _, _ = data_call(_port(running), method, bodies)
-    assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+    assert code not in (Code.INTERNAL, Code.UNKNOWN)
     _still_serving(running)
-    if code != grpc.StatusCode.OK:
+    if code != Code.OK:
         _unchanged(before, running)
 
 
@@ -450,11 +463,11 @@ def test_a_server_on_every_ipv6_and_ipv4_address_serves_both_on_the_data_channel
     assert running.data_server is not None
     try:
         for address in (f"127.0.0.1:{running.port}", f"[::1]:{running.port}"):
-            calls = running.data_server.calls
+            calls = sum(_calls(running))
             model = small_model()
             train_distributed([address], model, torch.optim.SGD(model.parameters(), lr=0.1), batches(1, 4),
                               mode="asp")  # fmt: skip
-            assert running.data_server.calls > calls
+            assert sum(_calls(running)) > calls
     finally:
         running.stop(grace=0)
 
@@ -465,15 +478,15 @@ def test_connections_beyond_the_cap_are_told_to_retry_later() -> None:
         held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
         try:
             code, details, _ = data_pull(port, pb.PullRequest())  # accepted after the 16, in order
-            assert code == grpc.StatusCode.UNAVAILABLE and "retry later" in details
+            assert code == Code.UNAVAILABLE and "retry later" in details
         finally:
             for sock in held:
                 sock.close()
         deadline = time.monotonic() + 10
-        while (code := data_pull(port, pb.PullRequest())[0]) == grpc.StatusCode.UNAVAILABLE:
+        while (code := data_pull(port, pb.PullRequest())[0]) == Code.UNAVAILABLE:
             assert time.monotonic() < deadline, "closed connections were never let go"
             time.sleep(0.05)
-        assert code == grpc.StatusCode.FAILED_PRECONDITION  # served again: no job yet
+        assert code == Code.FAILED_PRECONDITION  # served again: no job yet
 
 
 def test_a_body_in_pieces_arrives_whole_through_partial_gather_writes() -> None:

@@ -45,7 +45,7 @@ def test_fused_parameters_train_what_local_torch_optim_trains(overlap: bool, pul
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters(), overlap=overlap)
         train_local(remote, opt, data)
         opt.synchronize()
-        pieces = [p for server in client._pieces for p in server]
+        pieces = [p for server in client.layout.pieces for p in server]
         opt.close()
     group_of = {name: int(p.dim() <= 1) for name, p in remote.named_parameters()}
     fused = [p for p in pieces if p.fused]
@@ -66,7 +66,7 @@ def test_two_bsp_workers_on_fused_keys_equal_one_process_on_the_whole_batch(over
         model = replicas[rank]
         with PSClient(cluster.addresses, rank, 2, CONFIG) as client:
             opt = DistributedOptimizer(adamw(model), client, named_parameters=model.named_parameters(), overlap=overlap)
-            assert any(p.fused for server in client._pieces for p in server)
+            assert any(p.fused for server in client.layout.pieces for p in server)
             train_local(model, opt, [(x[rank::2], y[rank::2]) for x, y in data])
             opt.pull_final()
             opt.close()
@@ -90,7 +90,7 @@ def test_a_step_without_gradients_for_some_of_a_keys_parameters_is_refused(overl
     x, y = batches(1, batch=8)[0]
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(adamw(model), client, named_parameters=model.named_parameters(), overlap=overlap)
-        assert any(p.fused and "3.unused" in p.names for p in client._pieces[0])
+        assert any(p.fused and "3.unused" in p.names for p in client.layout.pieces[0])
         loss_of(model, x, y).backward()
         with pytest.raises(InvalidArgument, match=r"none for \['3.unused'\].*fuse_below_bytes=0"):
             opt.step()
@@ -108,7 +108,7 @@ def test_without_fusion_a_parameter_without_gradient_is_left_alone_like_torch_do
     config = dataclasses.replace(CONFIG, fuse_below_bytes=0)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
-        assert not any(p.fused for p in client._pieces[0])
+        assert not any(p.fused for p in client.layout.pieces[0])
         train_local(remote, opt, data)
     assert torch.equal(remote[3].unused.detach(), torch.ones(3))
     assert max_difference(local, remote) <= 1e-6
@@ -122,8 +122,8 @@ def test_a_frozen_parameter_keeps_a_key_of_its_own_and_its_value() -> None:
     train_local(local, adamw(local), data)
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
-        assert [p.fused for p in client._pieces_of["1.weight"]] == [False]
-        assert any(p.fused for p in client._pieces[0])
+        assert [p.fused for p in client.layout.pieces_of["1.weight"]] == [False]
+        assert any(p.fused for p in client.layout.pieces[0])
         train_local(remote, opt, data)
     assert torch.equal(remote[1].weight.detach(), torch.ones(16))
     assert max_difference(local, remote) <= 1e-6

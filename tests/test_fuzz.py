@@ -20,7 +20,7 @@ from ps_worker import DistributedOptimizer, PSClient
 from tests.training import small_model
 
 SERVICE = "/ps.v1.ParameterServer/"
-UNARY = ["Hello", "Stats", "Checkpoint", "PushOne", "PullOne"]
+UNARY = ["Hello", "Stats", "Checkpoint"]
 CLIENT_STREAM = ["Init", "Push"]
 SERVER_STREAM = ["Pull"]
 FUZZ = settings(

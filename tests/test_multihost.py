@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hosts import Host, available, emulated_hosts
-from ps_worker import data_client
+from ps_worker.transport import socket_client
 from tests.processes import worker_result
 
 pytestmark = [
@@ -41,7 +41,7 @@ def _in(host: Host, *command: str, **kwargs) -> subprocess.Popen[bytes]:  # type
 
 
 def test_tcp_between_two_hosts_crosses_a_link(hosts: dict[str, Host]) -> None:
-    """What makes pushes to a server over a link send one after another (ps_worker/data_client.py)."""
+    """What makes pushes to a server over a link send one after another (ps_worker/transport/socket_client.py)."""
     sockets: dict[str, socket.socket] = {}
 
     def on(host: Host, make: Callable[[], socket.socket], name: str) -> None:
@@ -60,7 +60,7 @@ def test_tcp_between_two_hosts_crosses_a_link(hosts: dict[str, Host]) -> None:
     client.start()
     client.join()
     try:
-        assert data_client.crosses_a_link(sockets["client"])
+        assert socket_client.crosses_a_link(sockets["client"])
     finally:
         for sock in sockets.values():
             sock.close()

@@ -62,7 +62,7 @@ def test_masks_of_split_tensors_equal_single_process_pruning(make_opt) -> None: 
     with InProcessCluster(num_servers=3) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         opt = DistributedOptimizer(make_opt(remote), client, named_parameters=remote.named_parameters(),
                                    pruning=SCHEDULE)  # fmt: skip
-        assert any("[" in p.key for pieces in client._pieces for p in pieces)  # noqa: SLF001 - really split
+        assert any("[" in p.key for pieces in client.layout.pieces for p in pieces)  # really split
         for x, y in data:
             opt.zero_grad()
             loss_of(remote, x, y).backward()
@@ -155,7 +155,7 @@ def test_a_threshold_for_a_parameter_not_pruned_is_refused_though_it_shares_a_fu
     with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), client,
                              named_parameters=net.named_parameters(), pruning=SCHEDULE)  # fmt: skip
-        assert any(p.fused and "0.bias" in p.names for p in client._pieces[0])  # noqa: SLF001
+        assert any(p.fused and "0.bias" in p.names for p in client.layout.pieces[0])
         before = cluster.servers[0].shard.stats()
         grads = {n: torch.ones_like(p) for n, p in net.named_parameters()}
         with pytest.raises(InvalidArgument, match="'0.bias' is not prunable"):

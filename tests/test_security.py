@@ -15,10 +15,11 @@ from ps_common import data_channel
 from ps_common.errors import PSError
 from ps_common.proto import ps_pb2 as pb
 from ps_server.config import ServerConfig
+from ps_server import RunningServer
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig
-from ps_worker.channel import tls_context
 from ps_worker.ctl import main as ctl_main
+from ps_worker.transport import ClientSecurity
 from tests.raw_data_channel import data_pull
 from tests.training import batches, small_model, train_distributed
 
@@ -70,7 +71,7 @@ def test_tls_client_trains_and_a_plaintext_client_is_refused(pki: Path) -> None:
         data_server = cluster.servers[0].data_server
         assert data_server is not None
         _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem")))
-        assert data_server.calls > 0  # push and pull took the data channel, under TLS
+        assert _data_channel_calls(cluster.servers[0]) > 0  # push and pull took the data channel, under TLS
         with pytest.raises(PSError):
             _train(cluster.addresses, ClientConfig(**FAST_FAIL))  # type: ignore[arg-type]
         with pytest.raises((ConnectionError, OSError)):  # plain TCP at the TLS data port: no answer
@@ -86,9 +87,9 @@ def test_mutual_tls_refuses_a_client_without_certificate(pki: Path) -> None:
         _train(cluster.addresses, ClientConfig(tls_ca=str(pki / "ca.pem"), tls_cert=str(pki / "client.pem"),
                                                tls_key=str(pki / "client.key")))  # fmt: skip
         data_server = cluster.servers[0].data_server
-        assert data_server is not None and data_server.calls > 0
+        assert data_server is not None and _data_channel_calls(cluster.servers[0]) > 0
         # At the data port too, TLS without a client certificate gets no answer.
-        context = tls_context(str(pki / "ca.pem"))
+        context = ClientSecurity(tls_ca=str(pki / "ca.pem")).tls_context()
         assert context is not None
         sock = socket.create_connection(("127.0.0.1", data_server.port), timeout=10)
         with pytest.raises((ConnectionError, OSError)), context.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
@@ -98,11 +99,16 @@ def test_mutual_tls_refuses_a_client_without_certificate(pki: Path) -> None:
 
 
 def test_insecure_server_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    from ps_server.security import credentials
+    from ps_server.security import ServerSecurity
 
     with caplog.at_level("WARNING"):
-        assert credentials(dataclasses.replace(ServerConfig(), host="0.0.0.0")) is None
+        assert ServerSecurity(dataclasses.replace(ServerConfig(), host="0.0.0.0")).tls is None
     assert "WITHOUT TLS" in caplog.text
     caplog.clear()
-    credentials(ServerConfig())
+    ServerSecurity(ServerConfig())
     assert "WITHOUT TLS" not in caplog.text
+
+
+def _data_channel_calls(server: RunningServer) -> int:
+    counters = server.shard.counters
+    return counters["calls_tcp"] + counters["calls_unix_socket"]

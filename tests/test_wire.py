@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable
 
-import grpc
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,8 +14,6 @@ from hypothesis import strategies as st
 from ps_common import codec, wire
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
-from ps_server.harness import InProcessCluster
-from ps_worker import DistributedOptimizer, PSClient
 
 
 def _sample_frame() -> wire.Frame:
@@ -142,18 +139,3 @@ def test_truncated_messages_are_malformed(data: st.DataObject) -> None:
     decoded = wire.decode_push(encoded[:cut])
     if isinstance(decoded, wire.Frame):  # a cut between fields is a valid, shorter message
         assert [c.key for c in pb.PushRequest.FromString(encoded[:cut]).chunks] == [c.key for c in decoded.chunks]
-
-
-def test_pull_one_answers_what_pull_streams_and_refuses_what_does_not_fit() -> None:
-    small, big = torch.nn.Parameter(torch.randn(1000)), torch.nn.Parameter(torch.randn(2 * 2**20))
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1) as client:
-        DistributedOptimizer(torch.optim.SGD([small, big], lr=0.1), client, named_parameters=[("s", small), ("b", big)])
-        stub = wire.Stub(client._channels[0])  # gRPC's PullOne (the data channel has no size limit to refuse)
-        request = pb.PullRequest(worker_id=0, step=0, keys=["s"])
-        one = codec.receive([stub.PullOne(request, timeout=10)], codec.new_tensor_for)
-        streamed = codec.receive(stub.Pull(request, timeout=10), codec.new_tensor_for)
-        assert torch.equal(one["s"], streamed["s"]) and torch.equal(one["s"], small.detach())
-        whole = [p.key for p in client._pieces_of["b"]]  # 8 MiB: two messages
-        with pytest.raises(grpc.RpcError) as info:
-            stub.PullOne(pb.PullRequest(worker_id=0, step=0, keys=whole), timeout=10)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "use Pull" in info.value.details()

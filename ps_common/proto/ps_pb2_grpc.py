@@ -49,18 +49,8 @@ class ParameterServerStub:
                 request_serializer=ps__common_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
                 response_deserializer=ps__common_dot_proto_dot_ps__pb2.PushResponse.FromString,
                 _registered_method=True)
-        self.PushOne = channel.unary_unary(
-                '/ps.v1.ParameterServer/PushOne',
-                request_serializer=ps__common_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
-                response_deserializer=ps__common_dot_proto_dot_ps__pb2.PushResponse.FromString,
-                _registered_method=True)
         self.Pull = channel.unary_stream(
                 '/ps.v1.ParameterServer/Pull',
-                request_serializer=ps__common_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
-                response_deserializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
-                _registered_method=True)
-        self.PullOne = channel.unary_unary(
-                '/ps.v1.ParameterServer/PullOne',
                 request_serializer=ps__common_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
                 response_deserializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
                 _registered_method=True)
@@ -103,26 +93,9 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PushOne(self, request, context):
-        """The same push in one message, for pushes that fit in one (a small
-        model's share of a server): gRPC Python serves a unary call in a fraction
-        of the time of a client stream.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Pull(self, request, context):
         """Current values of keys, once the job's consistency mode allows the
         worker to read for `step`. Waits for other workers, within the deadline.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def PullOne(self, request, context):
-        """The same pull answered in one message, for keys that fit in one
-        (INVALID_ARGUMENT otherwise); faster than a stream in gRPC Python.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,18 +133,8 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     request_deserializer=ps__common_dot_proto_dot_ps__pb2.PushRequest.FromString,
                     response_serializer=ps__common_dot_proto_dot_ps__pb2.PushResponse.SerializeToString,
             ),
-            'PushOne': grpc.unary_unary_rpc_method_handler(
-                    servicer.PushOne,
-                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.PushRequest.FromString,
-                    response_serializer=ps__common_dot_proto_dot_ps__pb2.PushResponse.SerializeToString,
-            ),
             'Pull': grpc.unary_stream_rpc_method_handler(
                     servicer.Pull,
-                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.PullRequest.FromString,
-                    response_serializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.SerializeToString,
-            ),
-            'PullOne': grpc.unary_unary_rpc_method_handler(
-                    servicer.PullOne,
                     request_deserializer=ps__common_dot_proto_dot_ps__pb2.PullRequest.FromString,
                     response_serializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.SerializeToString,
             ),
@@ -278,33 +241,6 @@ class ParameterServer:
             _registered_method=True)
 
     @staticmethod
-    def PushOne(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ps.v1.ParameterServer/PushOne',
-            ps__common_dot_proto_dot_ps__pb2.PushRequest.SerializeToString,
-            ps__common_dot_proto_dot_ps__pb2.PushResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def Pull(request,
             target,
             options=(),
@@ -319,33 +255,6 @@ class ParameterServer:
             request,
             target,
             '/ps.v1.ParameterServer/Pull',
-            ps__common_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
-            ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PullOne(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/ps.v1.ParameterServer/PullOne',
             ps__common_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
             ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
             options,

@@ -1,56 +1,44 @@
-"""The worker side of the data channel (ps_common.data_channel).
-
-`ServerStub` is what PSClient calls a server through: Hello, Stats and
-Checkpoint on gRPC; init, push and pull on the server's data channel when
-it offers one (its Hello says on which port, and under which Unix socket
-name for workers on its host), else on gRPC. Both transports raise
-grpc.RpcError with a status, so callers cannot tell them apart.
-"""
+"""The socket transport of the client, the data channel (ps_common.data_channel):
+every method of the service on a TCP connection to the server's data port,
+or on its abstract Unix socket from a process on its host, where pulls may
+read the weights straight from the server's shared memory. A failure (a
+socket error, a deadline, the server's status) becomes a PSError here and
+nowhere else."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import ipaddress
 import mmap
 import os
 import socket
-import ssl
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
 import torch
 
 from ps_common import codec, data_channel, wire
-from ps_common.data_channel import ChannelError
-from ps_common.errors import InvalidArgument
+from ps_common.errors import Cancelled, Code, InvalidArgument
 from ps_common.proto import ps_pb2 as pb
+from ps_worker.links import is_loopback
+from ps_worker.transport.base import Transport, failure
+from ps_worker.transport.security import ClientSecurity
 
-_UNRESOLVED = -1
-_HELLO_TIMEOUT = 5.0
+__all__ = ["SocketTransport", "crosses_a_link"]
+
 _UNSENT_BYTES_OVER_A_LINK = 2**17
-
-
-class PushCall(Protocol):
-    """A push in flight (a grpc.Future on gRPC)."""
-
-    def result(self, timeout: float | None = None) -> Any: ...
-    def done(self) -> bool: ...
-    def cancel(self) -> bool: ...
 
 
 class _SharedReader:
     """Resolves the shared ranges of one pull in the server's mapped weights.
     For a pull in `half` precision it rounds their floats as the server casts
     what it sends (the same torch cast), into one buffer reused from key to
-    key: a chunk's data is valid until the next chunk is read, as on the
-    wire. (A fresh tensor per key cost more in page faults than the cast: 9.4M
-    fp32 elements to bf16 on one thread, 11 ms allocating, 2.8 ms into a buffer.)"""
+    key (a fresh tensor per key costs more in page faults than the cast): a
+    chunk's data is valid until the next chunk is read, as on the wire."""
 
     def __init__(self, shared: memoryview, half: torch.dtype | None) -> None:
         self._shared = shared
@@ -86,16 +74,6 @@ class _SharedReader:
         return rounded.view(torch.uint8).numpy().data
 
 
-def is_loopback(host: str | None) -> bool:
-    """Whether `host` (an address, or "localhost") is this host's loopback."""
-    if host == "localhost":
-        return True
-    try:
-        return host is not None and ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name
-        return False
-
-
 def crosses_a_link(sock: socket.socket) -> bool:
     """Whether `sock` is TCP to another host, where a link's bandwidth
     rather than this host's cores sets the pace."""
@@ -115,7 +93,7 @@ class _Connection:
         if self.over_link and hasattr(socket, "TCP_NOTSENT_LOWAT"):  # Linux, macOS
             # A send returns once its bytes are all but 128 KiB on their way,
             # not merely copied into the socket's buffer (megabytes): only then
-            # may the next push start (`ServerStub._one_sending_over_a_link`).
+            # may the next push start (`SocketTransport._one_sending_over_a_link`).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, _UNSENT_BYTES_OVER_A_LINK)
         self.stream = sock.makefile("rb")
         self.receiver = data_channel.Receiver(self.stream)
@@ -129,13 +107,14 @@ class _DataPush:
     """A data-channel push running on its own thread; `cancel` makes sure the
     server applies none of it (it never sees the stream's end)."""
 
-    def __init__(self, stub: ServerStub, frames: Iterator[wire.Frame], timeout: float) -> None:
+    def __init__(self, transport: SocketTransport, frames: Iterator[wire.Frame], timeout: float) -> None:
         self.cancelled = threading.Event()
         self.connection: _Connection | None = None
-        self._future = stub._pushers.submit(stub._push, frames, timeout, self)
+        self._future = transport.start_push(frames, timeout, self)
 
     def result(self, timeout: float | None = None) -> pb.PushResponse:
-        return self._future.result(timeout)
+        response: pb.PushResponse = self._future.result(timeout)
+        return response
 
     def done(self) -> bool:
         return self._future.done()
@@ -149,61 +128,62 @@ class _DataPush:
         return True
 
 
-class ServerStub:
-    """One server's methods. With `host` None (turned off, or a gRPC target
-    that is not host:port) push and pull take gRPC; otherwise they take the
-    data channel on `host` (with `tls`, as gRPC does) whenever the server's
-    Hello (sent with `hello`) announces one; with `local`, through the
-    server's Unix socket where this process can reach it (the same host)."""
+class SocketTransport(Transport):
+    """The server named `where`, through its data channel at `host:port`,
+    or through its Unix socket `socket_name` where this process can reach
+    it (the same host), with `security`; with `shared_weights`, pulls
+    through that socket read the weights from the server's memory. `lost`
+    is set once the data port cannot be reached: the server may have
+    restarted elsewhere, and its gRPC Hello says where."""
 
     def __init__(
         self,
-        channel: grpc.Channel,
-        host: str | None,
-        hello: pb.HelloRequest,
-        auth_token: str | None,
-        tls: ssl.SSLContext | None = None,
-        local: bool = True,
+        where: str,
+        host: str,
+        port: int,
+        socket_name: str,
+        security: ClientSecurity,
         shared_weights: bool = True,
     ) -> None:
-        self._grpc = wire.Stub(channel)
-        self.Hello = self._grpc.Hello
-        self.Stats = self._grpc.Stats
-        self.Checkpoint = self._grpc.Checkpoint
-        self._hello = hello
+        self._where = where
         self._host = host
-        self._tls = tls
-        self._port = _UNRESOLVED
-        self._local = local
-        self._socket_name = ""  # the server's abstract Unix socket, while worth trying
-        self._wants_shared = shared_weights and tls is None
-        self._shared: tuple[str, memoryview] | None = None  # (socket name, the server's weights mapped)
-        self._share_refused = ""  # the socket name whose server said no
-        self._token = auth_token or ""
+        self._port = port
+        self._socket_name = socket_name  # the server's abstract Unix socket, while worth trying
+        self._tls = security.tls_context()
+        self._token = security.token
+        self._wants_shared = shared_weights and self._tls is None
+        self._shared: memoryview | None = None  # the server's weights mapped
+        self._share_refused = False
+        self.lost = False
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._pushers = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ps-data-push")
         self._link_turn = threading.Lock()  # held by the push sending over a link
 
-    # -- Push and Pull, on whichever transport ----------------------------------------
+    # -- the service's methods ---------------------------------------------------------
+
+    def hello(self, request: pb.HelloRequest, timeout: float) -> pb.HelloResponse:
+        return pb.HelloResponse.FromString(self._unary("Hello", request.SerializeToString(), timeout))
+
+    def stats(self, timeout: float) -> pb.StatsResponse:
+        return pb.StatsResponse.FromString(self._unary("Stats", b"", timeout))
+
+    def checkpoint(self, timeout: float) -> pb.CheckpointResponse:
+        return pb.CheckpointResponse.FromString(self._unary("Checkpoint", b"", timeout))
 
     def init(self, frames: Iterator[wire.Frame], timeout: float) -> pb.InitResponse:
-        """Worker 0's Init stream."""
-        if not self._has_data_channel():
-            return self._grpc.Init(frames, timeout=timeout)  # type: ignore[no-any-return]
         return pb.InitResponse.FromString(self._client_stream("Init", frames, timeout, None))
 
-    def push_future(self, frames: Iterable[wire.Frame], timeout: float) -> PushCall:
-        """Push `frames` as they are yielded, from another thread. On the data
-        channel, two pushes at a time: while the server applies one, the next
-        is on its way; over a link, the second's bytes follow the first's
-        (`_one_sending_over_a_link`). Later ones wait their turn. (gRPC: a
-        unary call when `frames` is a list of one, much faster there.)"""
-        if self._has_data_channel():
-            return _DataPush(self, iter(frames), timeout)
-        if isinstance(frames, list) and len(frames) == 1:
-            return self._grpc.PushOne.future(frames[0], timeout=timeout)  # type: ignore[no-any-return]
-        return self._grpc.Push.future(iter(frames), timeout=timeout)  # type: ignore[no-any-return]
+    def push(self, frames: Iterable[wire.Frame], timeout: float) -> _DataPush:
+        """Two pushes at a time: while the server applies one, the next is on
+        its way; over a link, the second's bytes follow the first's
+        (`_one_sending_over_a_link`). Later ones wait their turn."""
+        return _DataPush(self, iter(frames), timeout)
+
+    def start_push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush) -> futures.Future[Any]:
+        return self._pushers.submit(
+            lambda: pb.PushResponse.FromString(self._client_stream("Push", frames, timeout, call))
+        )
 
     def pull(
         self,
@@ -211,20 +191,19 @@ class ServerStub:
         timeout: float,
         destination: codec.Allocator,
         on_complete: Callable[[str], None] | None = None,
-        one_message: bool = False,
     ) -> None:
-        """Read the answer into the tensors `destination` gives (codec.receive).
-        `one_message`: the answer fits in one (gRPC: a unary call, refused if
-        it does not fit). The answer is read here, not by the caller, because
-        on the data channel its tensor data is read from the connection as it
-        is assembled: a connection cut off midway fails with a status, as
-        anywhere else in the call."""
-        if self._has_data_channel():
-            self._pull(request, timeout, destination, on_complete)
-        elif one_message:
-            codec.receive([self._grpc.PullOne(request, timeout=timeout)], destination, on_complete)
-        else:
-            codec.receive(self._grpc.Pull(request, timeout=timeout), destination, on_complete)
+        shared = self._shared_weights(timeout)
+        reader = None
+        if shared is not None:
+            half = codec.dtype_from_proto(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
+            reader = _SharedReader(shared, half)
+            asked, request = request, pb.PullRequest()
+            request.CopyFrom(asked)
+            request.shared = True
+        with self._connected(timeout) as connection:
+            header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
+            self._send(connection, header, request.SerializeToString())
+            codec.receive(self._answers(connection, reader), destination, on_complete)
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
@@ -234,19 +213,18 @@ class ServerStub:
         for connection in idle:
             connection.close()
 
-    # -- the data channel ------------------------------------------------------------
+    # -- calls -------------------------------------------------------------------------
 
-    def _has_data_channel(self) -> bool:
-        if self._host is None:
-            return False
-        if self._port == _UNRESOLVED:
-            # A gRPC error here is the caller's, as for any call.
-            answer = self.Hello(self._hello, timeout=_HELLO_TIMEOUT)
-            self._port, self._socket_name = answer.data_port, answer.data_socket if self._local else ""
-        return self._port != 0
+    def _error(self, code: int, details: str) -> Exception:
+        return failure(self._where, code, details)
 
-    def _push(self, frames: Iterator[wire.Frame], timeout: float, call: _DataPush) -> pb.PushResponse:
-        return pb.PushResponse.FromString(self._client_stream("Push", frames, timeout, call))
+    def _unary(self, method: str, body: bytes, timeout: float) -> bytes:
+        """A call of one message each way; the answer's body."""
+        with self._connected(timeout) as connection:
+            header = pb.DataHeader(method=method, last=True, auth_token=self._token, timeout=timeout)
+            self._send(connection, header, body)
+            _, answer = self._answer(connection)
+            return bytes(answer)
 
     def _client_stream(
         self, method: str, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None
@@ -261,7 +239,7 @@ class ServerStub:
                     self._send(connection, header, wire.request_parts(frame))
                     header = pb.DataHeader()
                 if call is not None and call.cancelled.is_set():
-                    raise ChannelError(grpc.StatusCode.CANCELLED, "push cancelled")
+                    raise Cancelled(f"{self._where}: push cancelled (CANCELLED)")
                 header.last = True
                 self._send(connection, header)
             _, body = self._answer(connection)
@@ -270,45 +248,19 @@ class ServerStub:
     @contextmanager
     def _one_sending_over_a_link(self, connection: _Connection, timeout: float) -> Iterator[None]:
         """A call's turn to send over a link (Push; Init, which precedes them),
-        where two pushes sending at once share its bandwidth: each takes twice
-        as long to land, and so do the updates and pulls of its keys. Over
-        emulated 1 Gbit/s links (2 workers, 2 servers, 9.4M parameters, 3 runs
-        each taking turns, the slowest worker's median step), fp32 took
-        410-433 ms a step sending in turns, 428-458 ms two at once; with
-        overlap 406-423 against 435-450 (DDP: 346). One push at a time, each
-        waiting for its answer, measured about the same here, but idles the
-        link while the server applies a push, which matters where a link is
-        fast (not measurable here: over emulated 10 Gbit/s links the cores set
-        the pace, 129-149 ms a step all three ways)."""
+        where two pushes sending at once share its bandwidth: each would take
+        twice as long to land, and so would the updates and pulls of its keys.
+        (One push at a time, each waiting for its answer, would idle the link
+        while the server applies a push.)"""
         if not connection.over_link:
             yield
             return
         if not self._link_turn.acquire(timeout=timeout):
-            raise ChannelError(grpc.StatusCode.DEADLINE_EXCEEDED, f"waited {timeout:g}s for the push before")
+            raise self._error(Code.DEADLINE_EXCEEDED, f"waited {timeout:g}s for the push before")
         try:
             yield
         finally:
             self._link_turn.release()
-
-    def _pull(
-        self,
-        request: pb.PullRequest,
-        timeout: float,
-        destination: codec.Allocator,
-        on_complete: Callable[[str], None] | None,
-    ) -> None:
-        shared = self._shared_weights(timeout)
-        reader = None
-        if shared is not None:
-            half = codec.dtype_from_proto(request.dtype) if request.dtype != pb.DTYPE_UNSPECIFIED else None
-            reader = _SharedReader(shared, half)
-            asked, request = request, pb.PullRequest()
-            request.CopyFrom(asked)
-            request.shared = True
-        with self._connected(timeout) as connection:
-            header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
-            self._send(connection, header, request.SerializeToString())
-            codec.receive(self._answers(connection, reader), destination, on_complete)
 
     def _answers(self, connection: _Connection, reader: _SharedReader | None) -> Iterator[wire.Frame]:
         """A Pull's answer, message by message, each valid until the next is read."""
@@ -326,11 +278,10 @@ class ServerStub:
         """The server's weights, mapped read-only on first use (the "Share" call
         on a connection of its own, ps_server.shared_weights); None where it
         does not share them: another host, TLS, or a server that said no."""
-        name = self._socket_name
-        if not self._wants_shared or not name or name == self._share_refused:
+        if not self._wants_shared or not self._socket_name or self._share_refused:
             return None
-        if self._shared is not None and self._shared[0] == name:
-            return self._shared[1]
+        if self._shared is not None:
+            return self._shared
         sock = self._connect_locally(timeout)
         if sock is None:
             return None
@@ -342,18 +293,18 @@ class ServerStub:
         except OSError:  # data_channel.Closed included: the pull that follows reports the trouble
             connection.close()
             return None
-        if answer.code != 0 or len(fds) != 1:
+        if answer.code != Code.OK or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             connection.close()
-            self._share_refused = name  # an older server, or not yet initialized: bytes, as before
+            self._share_refused = True  # not yet initialized, say: bytes, as before
             return None
         try:
             memory = memoryview(mmap.mmap(fds[0], pb.ShareResponse.FromString(body).size, prot=mmap.PROT_READ))
         finally:
             os.close(fds[0])
         with self._lock:
-            self._shared = (name, memory)
+            self._shared = memory
             self._idle.append(connection)
         return memory
 
@@ -367,16 +318,15 @@ class ServerStub:
             raise
 
     def _answer(self, connection: _Connection) -> tuple[pb.DataHeader, memoryview]:
-        """The server's next message; its status raised as a ChannelError."""
+        """The server's next message; its status raised as a PSError."""
         header = self._answer_header(connection)
         return header, connection.receiver.read_body(header)
 
-    @staticmethod
-    def _answer_header(connection: _Connection) -> pb.DataHeader:
-        """The server's next message's header (the body follows); its status raised as a ChannelError."""
+    def _answer_header(self, connection: _Connection) -> pb.DataHeader:
+        """The server's next message's header (the body follows); its status raised as a PSError."""
         header = connection.receiver.read_header()
-        if header.last and header.code != 0:
-            raise ChannelError(data_channel.status_code(header.code), header.details)
+        if header.last and header.code != Code.OK:
+            raise self._error(header.code, header.details)
         return header
 
     @contextmanager
@@ -388,10 +338,10 @@ class ServerStub:
             yield connection
         except TimeoutError:
             connection.close()
-            raise ChannelError(grpc.StatusCode.DEADLINE_EXCEEDED, "data channel call timed out") from None
+            raise self._error(Code.DEADLINE_EXCEEDED, "data channel call timed out") from None
         except OSError as exc:  # data_channel.Closed included
             connection.close()
-            raise ChannelError(grpc.StatusCode.UNAVAILABLE, f"data channel connection lost: {exc}") from None
+            raise self._error(Code.UNAVAILABLE, f"data channel connection lost: {exc}") from None
         except BaseException:
             connection.close()
             raise
@@ -408,9 +358,7 @@ class ServerStub:
                     sock = self._tls.wrap_socket(sock, server_hostname=self._host)
                 except OSError as exc:  # ssl.SSLError included
                     sock.close()
-                    raise ChannelError(
-                        grpc.StatusCode.UNAVAILABLE, f"data channel TLS handshake failed: {exc}"
-                    ) from None
+                    raise self._error(Code.UNAVAILABLE, f"data channel TLS handshake failed: {exc}") from None
             connection = _Connection(sock)
         connection.sock.settimeout(timeout)
         return connection
@@ -428,23 +376,21 @@ class ServerStub:
             sock.connect("\0" + name)
         except OSError:
             sock.close()
-            self._socket_name = ""  # TCP, until a Hello (after a failed call) names a socket again
+            self._socket_name = ""  # TCP from now on
             return None
         data_channel.tune(sock)
         return sock
 
     def _connect(self, timeout: float) -> socket.socket:
         """A TCP connection to the server's data port."""
-        assert self._host is not None
         try:
             sock = socket.create_connection((self._host, self._port), timeout=min(timeout, 10.0))
         except OSError as exc:
-            where = f"{self._host}:{self._port}"
-            self._port = _UNRESOLVED  # a restarted server may listen elsewhere: ask again next time
-            raise ChannelError(
-                grpc.StatusCode.UNAVAILABLE,
-                f"cannot reach the data channel at {where}: {exc} (open that port, fix it on the servers "
-                "with --data-port, or run workers with --no-data-channel)",
+            self.lost = True  # a restarted server may listen elsewhere: its Hello says where
+            raise self._error(
+                Code.UNAVAILABLE,
+                f"cannot reach the data channel at {self._host}:{self._port}: {exc} (open that port, fix it on "
+                "the servers with --data-port, or run workers with --no-data-channel)",
             ) from None
         data_channel.tune(sock)
         return sock

@@ -1,6 +1,8 @@
-"""The server side of the data channel (ps_common.data_channel): Init, Push
-and Pull on a TCP port of their own (TLS as gRPC's), answered by the same ParameterService as on gRPC,
-so both transports share every check, status and counter.
+"""The socket transport of the server, the data channel (ps_common.data_channel):
+every method of the same ParameterService as on gRPC, on a TCP port of its
+own (with the same TLS and token), so both transports share every check,
+status and counter. A PSError becomes the answer's status here and nowhere
+else.
 
 On Linux the same calls are also served on an abstract Unix socket, which
 only processes in the server's network namespace can reach: workers on the
@@ -16,7 +18,6 @@ call, and a waiting pull holds its thread, as it holds a gRPC handler thread.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import io
 import logging
 import os
@@ -26,55 +27,38 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
-import grpc
+from google.protobuf.message import Message
 
 from ps_common import data_channel, wire
-from ps_common.data_channel import ChannelError
+from ps_common.errors import Code, FailedPrecondition, PSError, Unavailable, Unimplemented
 from ps_common.proto import ps_pb2 as pb
+from ps_server.handler import ParameterService
+from ps_server.security import ServerSecurity
 
-if TYPE_CHECKING:
-    from ps_server.service import ParameterService
+__all__ = ["SocketServer"]
 
 log = logging.getLogger(__name__)
 
 
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
-
-
-class _CallContext:
-    """What ParameterService asks of a gRPC ServicerContext."""
-
-    def __init__(self, timeout: float) -> None:
-        self._deadline = time.monotonic() + timeout if timeout > 0 else None
-
-    def time_remaining(self) -> float | None:
-        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise _Aborted(code, details)
-
-
-class DataServer:
-    """Serves `service`'s Init, Push and Pull on `host:port` (0: a free port) until stop()."""
+class SocketServer:
+    """Serves `service` on `host:port` (0: a free port), and on Linux on an
+    abstract Unix socket, with `security`, until stop()."""
 
     def __init__(
-        self,
-        service: ParameterService,
-        host: str,
-        port: int,
-        auth_token: str | None,
-        max_connections: int,
-        tls: ssl.SSLContext | None = None,
+        self, service: ParameterService, host: str, port: int, max_connections: int, security: ServerSecurity
     ) -> None:
         self._service = service
-        self._tls = tls
-        self._token = auth_token.encode() if auth_token else None
+        self._security = security
+        self._tls = security.tls_context
+        # The methods whose request and answer are one message each.
+        self._unary: dict[str, tuple[Callable[[Any], Message], Callable[[bytes], Any]]] = {
+            "Hello": (service.hello, wire.lenient(pb.HelloRequest)),
+            "Stats": (service.stats, wire.lenient(pb.StatsRequest)),
+            "Checkpoint": (service.checkpoint, wire.lenient(pb.CheckpointRequest)),
+        }
         self._max_connections = max_connections
         host = host.strip("[]")  # "[::]" as gRPC writes it
         ipv6 = ":" in host
@@ -87,8 +71,6 @@ class DataServer:
         self._local_listener, self.socket_name = _local_listener()
         self._connections: set[socket.socket] = set()
         self._busy = 0  # connections in the middle of a call
-        self.calls = 0  # calls served, answered OK or not
-        self.local_calls = 0  # of which on the Unix socket
         self._lock = threading.Condition()
         self._stopped = False
         listeners = [self._listener] if self._local_listener is None else [self._listener, self._local_listener]
@@ -140,8 +122,7 @@ class DataServer:
             details = "the server is shutting down" if self._stopped else (
                 f"{self._max_connections} data connections are open, the most this server takes; retry later"
             )  # fmt: skip
-            data_channel.write(sock, pb.DataHeader(last=True, code=_number(grpc.StatusCode.UNAVAILABLE),
-                                                   details=details))  # fmt: skip
+            data_channel.write(sock, pb.DataHeader(last=True, code=Code.UNAVAILABLE, details=details))
 
     def _serve(self, sock: socket.socket) -> None:
         """Calls one after another until the client leaves or a call fails.
@@ -186,16 +167,15 @@ class DataServer:
             header = receiver.read_header()
         except data_channel.Closed:
             return False  # the client left between calls
-        except ChannelError as exc:
-            self._answer_error(sock, exc.code(), exc.details())
+        except PSError as exc:
+            self._answer_error(sock, exc)
             return False
         with self._lock:
             if self._stopped:
-                self._answer_error(sock, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                self._answer_error(sock, Unavailable("the server is shutting down"))
                 return False
             self._busy += 1
-            self.calls += 1
-            self.local_calls += sock.family == socket.AF_UNIX
+        self._service.shard.count("calls_unix_socket" if sock.family == socket.AF_UNIX else "calls_tcp", 1)
         limit = header.timeout if header.timeout > 0 else _NO_DEADLINE_LIMIT
         sock.settimeout(limit)
         try:
@@ -214,37 +194,39 @@ class DataServer:
                 self._lock.notify_all()
 
     def _dispatch(self, sock: socket.socket, receiver: data_channel.Receiver, header: pb.DataHeader) -> bool:
-        context = _CallContext(header.timeout)
+        deadline = time.monotonic() + header.timeout if header.timeout > 0 else None
         try:
-            self._authenticate(header)
+            self._security.check_token(header.auth_token)
             if header.method in ("Push", "Init"):
                 method, read = (
-                    (self._service.Push, wire.read_push) if header.method == "Push" else
-                    (self._service.Init, wire.read_init)
+                    (self._service.push, wire.read_push) if header.method == "Push" else
+                    (self._service.init, wire.read_init)
                 )  # fmt: skip
-                response = method(self._client_stream(receiver, header, read), context)
+                response: Message = method(self._client_stream(receiver, header, read))
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Pull":
-                body = bytes(receiver.read_body(header))
-                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(body))  # Malformed: refused
-                for message in self._service.pull_parts(request, context, shares=_shares(sock)):
+                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(receiver.read_body(header))))
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for message in self._service.pull(request, remaining, shares=_shares(sock)):
                     data_channel.write(sock, pb.DataHeader(), message)
                 data_channel.write(sock, pb.DataHeader(last=True))
+            elif header.method in self._unary:
+                call, parse = self._unary[header.method]
+                response = call(parse(bytes(receiver.read_body(header))))
+                data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
             elif header.method == "Share":
                 self._share(sock)
             else:
-                raise ChannelError(grpc.StatusCode.UNIMPLEMENTED, f"no method {header.method!r} on the data channel")
-        except _Aborted as exc:
-            self._answer_error(sock, exc.code, exc.details)
-            return False
-        except ChannelError as exc:
-            self._answer_error(sock, exc.code(), exc.details())
+                raise Unimplemented(f"no method {header.method!r} on the data channel")
+        except PSError as exc:
+            self._answer_error(sock, exc)
             return False
         except (data_channel.Closed, OSError):
             raise  # the connection is gone: nothing to answer
         except Exception as exc:  # a bug: answer as gRPC would, and keep serving others
             log.exception("data channel %s failed", header.method)
-            self._answer_error(sock, grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}")
+            error = PSError(f"{type(exc).__name__}: {exc}")
+            self._answer_error(sock, error)
             return False
         return True
 
@@ -266,36 +248,23 @@ class DataServer:
     def _share(self, sock: socket.socket) -> None:
         """Answer with the size of the shard's shared weights, passing a
         read-only descriptor of them (ps_server.shared_weights)."""
-        shared = self._service.shard.shared
-        if not _shares(sock) or shared is None:
-            raise ChannelError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this server shares its weights only after Init, on Linux, through its Unix socket without TLS",
-            )
+        if not _shares(sock):
+            raise FailedPrecondition(_SHARING_RULE)
+        fd, size = self._service.share()
         try:
-            fd = shared.readonly_fd()
-        except OSError as exc:  # closed: the server is stopping
-            raise ChannelError(grpc.StatusCode.UNAVAILABLE, f"shared weights unavailable: {exc}") from None
-        try:
-            response = pb.ShareResponse(size=shared.size).SerializeToString()
+            response = pb.ShareResponse(size=size).SerializeToString()
             data_channel.write(sock, pb.DataHeader(last=True), response, fds=[fd])
         finally:
             os.close(fd)
 
-    def _authenticate(self, header: pb.DataHeader) -> None:
-        if self._token is not None and not hmac.compare_digest(header.auth_token.encode(), self._token):
-            raise ChannelError(
-                grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token (set PS_AUTH_TOKEN on the client)"
-            )
-
     @staticmethod
-    def _answer_error(sock: socket.socket, code: grpc.StatusCode, details: str) -> None:
+    def _answer_error(sock: socket.socket, error: PSError) -> None:
         """Answer the status, then read what the client still sends (a push
         refused after its first message, say) before the connection closes:
         closing with unread input resets the connection, and the client
         could lose the answer."""
         try:
-            data_channel.write(sock, pb.DataHeader(last=True, code=_number(code), details=details))
+            data_channel.write(sock, pb.DataHeader(last=True, code=error.code, details=str(error)))
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(_DRAIN_SECONDS)
             deadline = time.monotonic() + _DRAIN_SECONDS
@@ -305,6 +274,7 @@ class DataServer:
             pass  # the client is gone, or too slow to wait for: nothing more to tell
 
 
+_SHARING_RULE = "this server shares its weights only after Init, on Linux, through its Unix socket without TLS"
 _DRAIN_SECONDS = 2.0
 _HANDSHAKE_SECONDS = 10.0
 _NO_DEADLINE_LIMIT = 600.0  # a call without a deadline (our clients always send one)
@@ -341,7 +311,3 @@ def _peer(sock: socket.socket) -> str:
 def _shut(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # not connected, or already closed by the peer
         sock.shutdown(socket.SHUT_RDWR)
-
-
-def _number(code: grpc.StatusCode) -> int:
-    return int(code.value[0])
