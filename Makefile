@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast check proto demo bench bench-quick clean
+.PHONY: venv test test-fast test-unit test-integration test-e2e check proto docs demo bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) scripts/gen_proto.py --check
+	$(PY) scripts/gen_config_docs.py --check
+
+## Regenerate docs/configuration.md from the config dataclasses.
+docs: $(STAMP)
+	$(PY) scripts/gen_config_docs.py
 
 ## Regenerate ps_common/proto/ from proto/*.proto.
 proto: $(STAMP)

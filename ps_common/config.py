@@ -5,6 +5,11 @@ every field into a flag (`--field-name`) and an environment variable
 (`PS_FIELD_NAME`). Precedence: flag, then environment, then the dataclass
 default. A field holding another dataclass contributes that dataclass's
 fields, so option groups can be shared between CLIs.
+
+Flags are for operators. A tuning knob (`setting(..., tuning=True)`) is a
+config field and an environment variable; its flag is still accepted but
+not shown by --help. docs/configuration.md lists every setting, generated
+from these dataclasses by scripts/gen_config_docs.py.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import os
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+
+__all__ = ["Setting", "cli_args", "env_name", "env_names", "flag_name", "parse_config", "setting", "settings_of"]
 
 ENV_PREFIX = "PS_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -69,10 +76,48 @@ def env_names(cls: type) -> set[str]:
     return {env_name(field.name) for field, _ in _fields(cls)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One leaf field of a config dataclass, as the reference documents it."""
+
+    name: str
+    type: str
+    default: Any
+    help: str
+    tuning: bool
+
+    @property
+    def flag(self) -> str:
+        return flag_name(self.name)
+
+    @property
+    def env(self) -> str:
+        return env_name(self.name)
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """The settings of `cls`, nested dataclasses' included, in declaration order."""
+    result = []
+    for field, hint in _fields(cls):
+        kind, choices = _scalar_type(hint)
+        type_name = " | ".join(map(str, choices)) if choices else kind.__name__
+        if field.default is None:
+            type_name += " (optional)"
+        result.append(
+            Setting(field.name, type_name, field.default, field.metadata.get("help", ""),
+                    field.metadata.get("tuning", False))
+        )  # fmt: skip
+    return result
+
+
 def build_parser(cls: type, description: str, env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """An argparse parser for `cls`, with defaults taken from the environment."""
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Tuning settings are PS_* environment variables: see docs/configuration.md.",
+    )
     for field, hint in _fields(cls):
         kind, choices = _scalar_type(hint)
         default = field.default
@@ -82,7 +127,9 @@ def build_parser(cls: type, description: str, env: Mapping[str, str] | None = No
                 default = _parse_bool(env[variable]) if kind is bool else kind(env[variable])
             except ValueError as exc:
                 parser.error(f"environment variable {variable}={env[variable]!r}: {exc}")
-        help_text = f"{field.metadata.get('help', '')} [env {variable}]"
+        help_text = (
+            argparse.SUPPRESS if field.metadata.get("tuning") else f"{field.metadata.get('help', '')} [env {variable}]"
+        )
         if kind is bool:
             parser.add_argument(
                 flag_name(field.name), action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -110,9 +157,9 @@ def parse_config(
     return _construct(cls, vars(namespace))
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its help text (shown by --help)."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, tuning: bool = False) -> Any:
+    """A config field with its help text (shown by --help, unless a `tuning` knob)."""
+    return dataclasses.field(default=default, metadata={"help": help, "tuning": tuning})
 
 
 def cli_args(config: Any) -> list[str]:

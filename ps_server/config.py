@@ -13,7 +13,11 @@ from ps_common.config import setting
 class ServerConfig:
     host: str = setting("127.0.0.1", "address to bind; 0.0.0.0 for every interface")
     port: int = setting(50051, "port to bind; 0 picks a free one")
-    data_channel: bool = setting(True, "serve Init, Push and Pull on their own TCP port beside gRPC (TLS as gRPC's)")
+    data_channel: bool = setting(
+        True,
+        "serve every call on a TCP port of its own beside gRPC, and on a Unix socket for workers on this "
+        "host (the same TLS and token)",
+    )
     data_port: int = setting(0, "port of the data channel; 0 picks a free one (workers learn it from Hello)")
     port_file: str | None = setting(None, "write the bound port to this file once serving")
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (0: a free one)")
@@ -27,10 +31,12 @@ class ServerConfig:
     tls_cert: str | None = setting(None, "PEM certificate chain: serve TLS")
     tls_key: str | None = setting(None, "PEM private key of --tls-cert")
     tls_client_ca: str | None = setting(None, "PEM CA: require client certificates it signed (mutual TLS)")
-    threads: int = setting(64, "gRPC handler threads; each waiting pull holds one")
-    torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)")
-    fused_updates: bool = setting(True, "torch's fused CPU kernels where the worker's optimizer leaves it to torch")
-    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends")
+    threads: int = setting(64, "gRPC handler threads; each waiting pull holds one", tuning=True)
+    torch_threads: int = setting(1, "torch intra-op threads for updates (one server process per core)", tuning=True)
+    fused_updates: bool = setting(
+        True, "torch's fused CPU kernels where the worker's optimizer leaves it to torch", tuning=True
+    )
+    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "largest tensor chunk the server sends", tuning=True)
     max_wait: float = setting(600.0, "longest a pull waits for other workers, whatever its deadline")
     worker_timeout: float = setting(60.0, "seconds of silence after which a worker no longer holds back BSP/SSP")
     wait_log_interval: float = setting(10.0, "seconds between log lines while a pull waits")

@@ -165,6 +165,11 @@ class ShardOptimizer:
         for param in params:
             param.grad.div_(contributions)  # type: ignore[union-attr]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The torch optimizer's own state_dict (over the shard's keys, in order)."""
+        state: dict[str, Any] = self._torch.state_dict()
+        return state
+
     def state_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The torch optimizer's state as named tensors plus JSON-able rest."""
         state = self._torch.state_dict()

@@ -1,5 +1,5 @@
 import sys
 
-from ps_worker.cli import main
+from ps_worker.demo.worker_cli import main
 
 sys.exit(main())

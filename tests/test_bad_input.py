@@ -23,13 +23,13 @@ from tests.training import SPLITTING, batches, loss_of, small_model
 
 def _snapshot(shard: Shard) -> dict[str, Any]:
     """Everything a bad request must not change (rejection and call counts aside)."""
-    optimizer = shard._optimizer._torch if shard._optimizer else None  # noqa: SLF001
+    optimizer = shard.optimizer
     return {
         "job": copy.deepcopy(shard.job),
         "values": {k: s.value.clone() for k, s in shard.slots.items()},
         "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
-        "clocks": dict(shard._clocks()),  # noqa: SLF001
+        "clocks": {w.worker_id: w.clock for w in shard.stats().workers},
         "counters": {k: v for k, v in shard.counters.items() if not k.startswith(("rejected_", "calls_"))},
     }
 

@@ -18,7 +18,7 @@ import yaml
 
 from ps_common.config import env_names, parse_config
 from ps_server.config import ServerConfig
-from ps_worker.config import WorkerConfig
+from ps_worker.demo.config import WorkerConfig
 from ps_worker.ctl import CtlConfig
 from tests.processes import free_port, worker_result
 

@@ -69,7 +69,7 @@ WEIGHTS_SENT = {"PS_SHARED_WEIGHTS": "false"}
 def _ps_train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
     summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "ps_worker.launch", "--servers", "2", "--workers", "4",
+        [sys.executable, "-m", "ps_worker.demo.launch", "--servers", "2", "--workers", "4",
          "--summary-json", str(summary_path), "--no-progress", *args],
         capture_output=True, text=True, timeout=150, env={**os.environ, **(env or {})},
     )  # fmt: skip
@@ -110,7 +110,7 @@ def test_ps_train_prunes_to_90_percent_within_1_5_points_of_dense(tmp_path: Path
 
 def test_ps_train_reports_a_failing_worker(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ps_worker.launch", "--servers", "1", "--workers", "1", "--no-progress",
+        [sys.executable, "-m", "ps_worker.demo.launch", "--servers", "1", "--workers", "1", "--no-progress",
          "--epochs", "1", "--device", "nonexistent"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_worker.ctl import main as ctl_main
-from ps_worker.metrics import WorkerMetrics
+from ps_worker.demo.metrics import WorkerMetrics
 from tests.training import SPLITTING, batches, small_model, train_distributed
 
 WITH_METRICS = dataclasses.replace(ServerConfig(), metrics_port=0)

@@ -19,9 +19,9 @@ from torch import nn
 
 from ps_worker.client import PSClient
 from ps_worker.compression import Compression
-from ps_worker.config import JobConfig, WorkerConfig
+from ps_worker.demo.config import JobConfig, WorkerConfig
+from ps_worker.demo.metrics import WorkerMetrics
 from ps_worker.export import export_model
-from ps_worker.metrics import WorkerMetrics
 from ps_worker.optimizer import DistributedOptimizer
 from ps_worker.pruning import PruningConfig
 

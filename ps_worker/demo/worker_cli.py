@@ -13,8 +13,8 @@ import torch
 from ps_common.config import parse_config
 from ps_common.errors import PSError
 from ps_common.log import setup_logging
-from ps_worker.config import WorkerConfig
-from ps_worker.job import run_worker
+from ps_worker.demo.config import WorkerConfig
+from ps_worker.demo.job import run_worker
 
 log = logging.getLogger("ps_worker")
 

@@ -48,7 +48,7 @@ class WorkerConfig:
     report: Literal["text", "json"] = setting("text", "progress as log lines or JSON lines on stdout")
     export_dir: str | None = setting(None, "worker 0 saves the trained model and masks there (safetensors)")
     metrics_port: int | None = setting(None, "serve Prometheus metrics on this port (0: a free one)")
-    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)")
+    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)", tuning=True)
     log_level: LogLevel = setting("INFO", "log level")
     log_json: bool = setting(False, "log one JSON object a line")
     job: JobConfig = field(default_factory=JobConfig)

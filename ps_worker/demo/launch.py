@@ -30,8 +30,8 @@ from ps_common.config import cli_args, parse_config
 from ps_common.errors import PSError, WaitTimeout
 from ps_common.log import setup_logging
 from ps_worker.client import PSClient
-from ps_worker.config import TrainConfig
-from ps_worker.job import DEFAULT_LR, load_digits, steps_per_epoch
+from ps_worker.demo.config import TrainConfig
+from ps_worker.demo.job import DEFAULT_LR, load_digits, steps_per_epoch
 
 log = logging.getLogger("ps_train")
 SERVER_START_TIMEOUT = 60.0
