@@ -5,8 +5,8 @@ from pathlib import Path
 
 from ps_common.config import cli_args, parse_config, setting
 from ps_server.config import ServerConfig
-from ps_worker.links import pulls_while_pushing, push_request_bytes
 from ps_worker.demo.config import WorkerConfig
+from ps_worker.links import pulls_while_pushing, push_request_bytes
 
 
 @dataclass(frozen=True)

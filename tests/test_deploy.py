@@ -18,8 +18,8 @@ import yaml
 
 from ps_common.config import env_names, parse_config
 from ps_server.config import ServerConfig
-from ps_worker.demo.config import WorkerConfig
 from ps_worker.ctl import CtlConfig
+from ps_worker.demo.config import WorkerConfig
 from tests.processes import free_port, worker_result
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ import torch
 from ps_common import data_channel
 from ps_common.errors import PSError
 from ps_common.proto import ps_pb2 as pb
-from ps_server.config import ServerConfig
 from ps_server import RunningServer
+from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig
 from ps_worker.ctl import main as ctl_main
