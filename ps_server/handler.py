@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ps_common import PROTOCOL_VERSION, codec, wire
+from ps_common import PROTOCOL_VERSION, assembly, codec, wire
 from ps_common.errors import FailedPrecondition, InvalidArgument, PSError, Unavailable
 from ps_common.proto import ps_pb2 as pb
 from ps_server.checkpointer import Checkpointer
@@ -79,7 +79,7 @@ def _split_stream(requests: Iterator[wire.Frame | wire.Malformed], what: str) ->
     return frame.header, itertools.chain([frame], map(_parsed, requests))
 
 
-def _assemble(messages: Iterator[wire.Frame], assembler: codec.ChunkAssembler) -> None:
+def _assemble(messages: Iterator[wire.Frame], assembler: assembly.ChunkAssembler) -> None:
     for index, message in enumerate(messages):
         if index and message.header is not None:
             raise InvalidArgument("only the first message of a stream may carry a header")
@@ -114,7 +114,7 @@ class ParameterService:
         _check_protocol(header.protocol_version)
         if header.worker_id != 0:
             raise InvalidArgument(f"only worker 0 initializes the job, not worker {header.worker_id}")
-        assembler = codec.ChunkAssembler(self.shard.init_allocator(header.job))
+        assembler = assembly.ChunkAssembler(self.shard.init_allocator(header.job))
         _assemble(messages, assembler)
         already = self.shard.init(header.job, assembler.finish())
         return pb.InitResponse(already_initialized=already)
@@ -122,7 +122,7 @@ class ParameterService:
     @_counted
     def push(self, requests: Iterator[wire.Frame | wire.Malformed]) -> pb.PushResponse:
         header, messages = _split_stream(requests, "Push")
-        assembler = codec.ChunkAssembler(self.shard.push_allocator, keep_sparse=self.shard.push_layout)
+        assembler = assembly.ChunkAssembler(self.shard.push_allocator, keep_sparse=self.shard.push_layout)
         _assemble(messages, assembler)
         grads: dict[str, Gradient] = {**assembler.finish(), **assembler.sparse}
         accepted, duplicates = self.shard.push(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ps_common import codec
+from ps_common import assembly, codec
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
@@ -29,7 +29,7 @@ __all__ = [
 
 # A pushed gradient: dense, or as it travelled sparse (top-k), added to a
 # step's sum without filling in its zeros.
-Gradient = torch.Tensor | codec.SparseParts
+Gradient = torch.Tensor | assembly.SparseParts
 
 
 @dataclass
@@ -75,7 +75,7 @@ WIRE_HALVES = (pb.FLOAT16, pb.BFLOAT16)
 
 
 def gradient_bytes(grad: Gradient) -> int:
-    return grad.nbytes if isinstance(grad, codec.SparseParts) else grad.numel() * grad.element_size()
+    return grad.nbytes if isinstance(grad, assembly.SparseParts) else grad.numel() * grad.element_size()
 
 
 def updates_taken(versions: Iterable[int]) -> int:

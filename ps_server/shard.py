@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ps_common import codec
+from ps_common import assembly, codec
 from ps_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -104,7 +104,7 @@ class Shard:
                 clock = max(clock, min((s.version for s in self.slots.values()), default=0))
             return self.job, clock
 
-    def init_allocator(self, job: pb.JobSpec) -> codec.Allocator:
+    def init_allocator(self, job: pb.JobSpec) -> assembly.Allocator:
         """Allocator for an Init stream: a chunk must match its KeySpec."""
         validate_job(job)  # before any chunk is taken in
         specs = {k.key: k for k in job.keys}
@@ -130,7 +130,7 @@ class Shard:
             if spec is None:
                 raise InvalidArgument(f"Init sends key {chunk.key!r} that its job does not declare")
             check_matches(spec, chunk)
-            return views[chunk.key] if chunk.key in views else codec.new_tensor_for(chunk)
+            return views[chunk.key] if chunk.key in views else assembly.new_tensor_for(chunk)
 
         return allocate
 
@@ -228,7 +228,7 @@ class Shard:
         # cannot make a finite value non-finite, and casting late saves a
         # gradient-sized allocation per push.
         for key, grad in grads.items():
-            if not codec.all_finite(grad.values if isinstance(grad, codec.SparseParts) else grad):
+            if not codec.all_finite(grad.values if isinstance(grad, assembly.SparseParts) else grad):
                 raise InvalidArgument(f"gradient of key {key!r} contains NaN or Inf; nothing was applied")
         with self._cond:
             job, updater = self._require_job()

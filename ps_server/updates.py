@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ps_common import codec
+from ps_common import assembly
 from ps_common.proto import ps_pb2 as pb
 from ps_server.buffers import BufferPool
 from ps_server.keys import Gradient, Slot
@@ -57,7 +57,7 @@ class Updater:
             if grad is not None:
                 if slot.grad_sum is None:
                     slot.grad_sum = self._in_value_dtype(grad, slot)  # the stream's buffer is ours: no copy if fp32
-                elif isinstance(grad, codec.SparseParts):
+                elif isinstance(grad, assembly.SparseParts):
                     grad.add_to(slot.grad_sum)  # only the elements sent: no zeros filled in, none added
                 else:
                     slot.grad_sum.add_(grad)  # adds a half-precision gradient without casting it first
@@ -115,7 +115,7 @@ class Updater:
     def _in_value_dtype(self, grad: Gradient, slot: Slot) -> torch.Tensor:
         """`grad` itself if dense and in the weights' dtype, else a dense copy in
         that dtype lent by the pool."""
-        if isinstance(grad, codec.SparseParts):
+        if isinstance(grad, assembly.SparseParts):
             return grad.densify(self._buffers.take(slot.value.shape, slot.value.dtype))
         if grad.dtype == slot.value.dtype:
             return grad

@@ -18,7 +18,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ps_common import codec
+from ps_common import assembly, codec
 from ps_common.config import parse_config, setting
 from ps_common.errors import FailedPrecondition, PSError
 from ps_common.proto import ps_pb2 as pb
@@ -94,7 +94,7 @@ def _pull_whole(
     def destination(chunk: codec.ChunkLike) -> torch.Tensor:
         spec = specs[chunk.key]
         if spec.parts:
-            return fused.setdefault(chunk.key, codec.new_tensor_for(chunk))
+            return fused.setdefault(chunk.key, assembly.new_tensor_for(chunk))
         if spec.tensor not in whole:  # only masks are created here: parameters without one stay unmasked
             whole[spec.tensor] = torch.ones(tuple(spec.tensor_shape), dtype=torch.bool)
         return whole[spec.tensor].view(-1)[spec.offset : spec.offset + spec.shape[0]]

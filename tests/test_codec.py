@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ps_common import codec, wire
+from ps_common import assembly, codec, wire
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
@@ -20,7 +20,7 @@ def _sample(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 def _round_trip(chunks: list[codec.ChunkLike]) -> dict[str, torch.Tensor]:
     """Through the wire: encoded as PullResponses, decoded, assembled."""
     frames = [wire.decode_pull(wire.encode_pull(wire.Frame(chunks=[_as_chunk(c)]))) for c in chunks]
-    return codec.receive(frames, codec.new_tensor_for)  # type: ignore[arg-type]
+    return assembly.receive(frames, assembly.new_tensor_for)  # type: ignore[arg-type]
 
 
 def _as_chunk(chunk: codec.ChunkLike) -> codec.Chunk:
@@ -59,7 +59,7 @@ def test_default_chunk_fits_under_grpc_default_message_limit() -> None:
 
 def test_assembler_writes_into_given_destination() -> None:
     dest = torch.zeros(100)
-    assembler = codec.ChunkAssembler(lambda chunk: dest[10:60])
+    assembler = assembly.ChunkAssembler(lambda chunk: dest[10:60])
     for chunk in codec.tensor_to_chunks("k", torch.ones(50), chunk_bytes=40):
         assembler.add(chunk)
     assembler.finish()
@@ -153,9 +153,9 @@ def test_sparse_chunk_with_indices_out_of_order_is_refused() -> None:
         _round_trip([bad])
 
 
-def _kept_sparse(chunks: list[codec.ChunkLike]) -> codec.ChunkAssembler:
+def _kept_sparse(chunks: list[codec.ChunkLike]) -> assembly.ChunkAssembler:
     checked = []
-    assembler = codec.ChunkAssembler(codec.new_tensor_for, keep_sparse=checked.append)
+    assembler = assembly.ChunkAssembler(assembly.new_tensor_for, keep_sparse=checked.append)
     for chunk in chunks:
         assembler.add(chunk)
     assert [c.key for c in checked] == sorted({c.key for c in chunks if c.sparse and c.offset == 0})
@@ -191,7 +191,7 @@ def test_a_refused_first_sparse_chunk_is_refused_before_anything_is_kept() -> No
     def refuse(chunk: codec.ChunkLike) -> None:
         raise InvalidArgument(f"unknown key {chunk.key!r}")
 
-    assembler = codec.ChunkAssembler(codec.new_tensor_for, keep_sparse=refuse)
+    assembler = assembly.ChunkAssembler(assembly.new_tensor_for, keep_sparse=refuse)
     chunk = next(iter(codec.sparse_to_chunks("x", torch.tensor([3]), torch.tensor([1.0]), 100)))
     with pytest.raises(InvalidArgument, match="unknown key"):
         assembler.add(chunk)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ps_common import codec, wire
+from ps_common import assembly, codec, wire
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_server.shard import PulledKey, Shard
@@ -25,7 +25,7 @@ CONFIG = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)  # piec
 def _round_trip(payload: Payload) -> torch.Tensor:
     """The piece as the server decodes it."""
     chunks = list(payload.chunks("k", chunk_bytes=1000))
-    out = codec.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], codec.new_tensor_for)  # type: ignore[list-item]
+    out = assembly.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], assembly.new_tensor_for)  # type: ignore[list-item]
     return out["k"]
 
 
@@ -145,7 +145,7 @@ def test_weights_cast_on_the_way_decode_into_full_precision_as_the_rounded_weigh
     dense_elements = 5000 - sum(c.length for c in chunks if c.sparse)
     assert sum(len(c.data) for c in chunks if not c.sparse) == 2 * dense_elements
     into = torch.full((5000,), float("nan"))
-    received = codec.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], lambda _: into)  # type: ignore[list-item]
+    received = assembly.receive([wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))], lambda _: into)  # type: ignore[list-item]
     assert received["w"] is into and torch.equal(into, weights.to(torch.bfloat16).float())
     assert codec.wire_dtype(torch.float64, torch.bfloat16) == torch.bfloat16
     for stored in (torch.float16, torch.bfloat16, torch.int64, torch.bool):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from ps_common import codec, wire
+from ps_common import assembly, codec, wire
 from ps_common.errors import FailedPrecondition, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
@@ -128,7 +128,7 @@ def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes
 
 
 def _decoded(parts: list[Any]) -> dict[str, torch.Tensor]:
-    return codec.receive([wire.decode_pull_strict(b"".join(parts))], codec.new_tensor_for)
+    return assembly.receive([wire.decode_pull_strict(b"".join(parts))], assembly.new_tensor_for)
 
 
 def test_asp_can_scale_a_stale_push_learning_rate_down_by_its_staleness() -> None:

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ps_common import codec, wire
+from ps_common import assembly, codec, wire
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
@@ -53,7 +53,7 @@ def test_pull_responses_round_trip_without_a_header() -> None:
     decoded = wire.decode_pull(wire.encode_pull(wire.Frame(chunks=chunks)))
     assert isinstance(decoded, wire.Frame) and decoded.header is None
     assert pb.PullResponse.FromString(wire.encode_pull(wire.Frame(chunks=chunks))).chunks[0].key == "k"
-    assert torch.equal(codec.receive([decoded], codec.new_tensor_for)["k"], torch.cat([torch.randn(0)] + [
+    assert torch.equal(assembly.receive([decoded], assembly.new_tensor_for)["k"], torch.cat([torch.randn(0)] + [
         torch.frombuffer(bytearray(c.data), dtype=torch.float32) for c in chunks]))  # fmt: skip
 
 
@@ -65,7 +65,7 @@ def test_unknown_fields_are_skipped_as_protobuf_does() -> None:
 
 
 def _assembled(chunks: Iterable[codec.ChunkLike]) -> tuple[dict[str, torch.Tensor], set[str]]:
-    assembler = codec.ChunkAssembler(codec.new_tensor_for)
+    assembler = assembly.ChunkAssembler(assembly.new_tensor_for)
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.finish(), assembler.absent

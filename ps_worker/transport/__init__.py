@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ps_common import codec, wire
+from ps_common import assembly, wire
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.links import host_of
 from ps_worker.transport.base import PushCall, Transport
@@ -100,7 +100,7 @@ class _Discovered(Transport):
         self,
         request: pb.PullRequest,
         timeout: float,
-        destination: codec.Allocator,
+        destination: assembly.Allocator,
         on_complete: Callable[[str], None] | None = None,
     ) -> None:
         self._transport().pull(request, timeout, destination, on_complete)

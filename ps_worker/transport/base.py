@@ -12,7 +12,7 @@ import abc
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
-from ps_common import codec, wire
+from ps_common import assembly, wire
 from ps_common.errors import Code, error_for
 from ps_common.proto import ps_pb2 as pb
 
@@ -47,10 +47,10 @@ class Transport(abc.ABC):
         self,
         request: pb.PullRequest,
         timeout: float,
-        destination: codec.Allocator,
+        destination: assembly.Allocator,
         on_complete: Callable[[str], None] | None = None,
     ) -> None:
-        """Read the answer into the tensors `destination` gives (codec.receive),
+        """Read the answer into the tensors `destination` gives (assembly.receive),
         here rather than by the caller, so that a connection cut off in the
         middle of a tensor fails with a status like any other failure."""
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from ps_common import codec, wire
+from ps_common import assembly, wire
 from ps_common.proto import ps_pb2 as pb
 from ps_common.security import TOKEN_METADATA_KEY, bearer
 from ps_worker.transport.base import PushCall, Transport, failure
@@ -139,10 +139,10 @@ class GrpcTransport(Transport):
         self,
         request: pb.PullRequest,
         timeout: float,
-        destination: codec.Allocator,
+        destination: assembly.Allocator,
         on_complete: Callable[[str], None] | None = None,
     ) -> None:
-        self.translated(lambda: codec.receive(self._pull(request, timeout=timeout), destination, on_complete))
+        self.translated(lambda: assembly.receive(self._pull(request, timeout=timeout), destination, on_complete))
 
     def stats(self, timeout: float) -> pb.StatsResponse:
         response: pb.StatsResponse = self.translated(lambda: self._stats(pb.StatsRequest(), timeout=timeout))

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ps_common import codec, data_channel, wire
+from ps_common import assembly, codec, data_channel, wire
 from ps_common.errors import Cancelled, Code, InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.links import is_loopback
@@ -189,7 +189,7 @@ class SocketTransport(Transport):
         self,
         request: pb.PullRequest,
         timeout: float,
-        destination: codec.Allocator,
+        destination: assembly.Allocator,
         on_complete: Callable[[str], None] | None = None,
     ) -> None:
         shared = self._shared_weights(timeout)
@@ -203,7 +203,7 @@ class SocketTransport(Transport):
         with self._connected(timeout) as connection:
             header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
             self._send(connection, header, request.SerializeToString())
-            codec.receive(self._answers(connection, reader), destination, on_complete)
+            assembly.receive(self._answers(connection, reader), destination, on_complete)
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
