@@ -16,7 +16,7 @@ import torch
 from ps_common import codec
 from ps_common.errors import InvalidArgument
 
-__all__ = ["Allocator", "ChunkAssembler", "HasChunks", "SparseParts", "new_tensor_for", "receive"]
+__all__ = ["Allocator", "ChunkAssembler", "HasChunks", "OnComplete", "SparseParts", "new_tensor_for", "receive"]
 
 
 @dataclass
@@ -62,6 +62,8 @@ class SparseParts:
 # dtype may differ from the chunks' (weights pulled in bf16 into fp32
 # parameters): each chunk is then cast into it.
 Allocator = Callable[[codec.ChunkLike], torch.Tensor]
+# Called with a key as soon as its tensor is whole.
+OnComplete = Callable[[str], None] | None
 
 
 class ChunkAssembler:
@@ -83,7 +85,7 @@ class ChunkAssembler:
     def __init__(
         self,
         allocate: Allocator,
-        on_complete: Callable[[str], None] | None = None,
+        on_complete: OnComplete = None,
         keep_sparse: Callable[[codec.ChunkLike], object] | None = None,
     ) -> None:
         self._allocate = allocate
@@ -230,7 +232,7 @@ class HasChunks(Protocol):
 
 
 def receive(
-    responses: Iterable[HasChunks], allocate: Allocator, on_complete: Callable[[str], None] | None = None
+    responses: Iterable[HasChunks], allocate: Allocator, on_complete: OnComplete = None
 ) -> dict[str, torch.Tensor]:
     """Assemble a Pull's response stream into the tensors `allocate` gives,
     calling `on_complete(key)` as soon as each tensor is whole."""

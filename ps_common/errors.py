@@ -50,63 +50,51 @@ class Code(enum.IntEnum):
 
 
 class PSError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """Base class of every error this project raises on purpose; a subclass
+    names its status: `class NotFound(PSError, code=Code.NOT_FOUND)`."""
 
     code: Code = Code.UNKNOWN
 
+    def __init_subclass__(cls, code: Code | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
-class InvalidArgument(PSError):
+
+class InvalidArgument(PSError, code=Code.INVALID_ARGUMENT):
     """The request is malformed: wrong shape, dtype, value or option."""
 
-    code = Code.INVALID_ARGUMENT
 
-
-class NotFound(PSError):
+class NotFound(PSError, code=Code.NOT_FOUND):
     """The request names a key or optimizer the server does not know."""
 
-    code = Code.NOT_FOUND
 
-
-class FailedPrecondition(PSError):
+class FailedPrecondition(PSError, code=Code.FAILED_PRECONDITION):
     """The request is valid but not now: before Init, or a step ahead."""
 
-    code = Code.FAILED_PRECONDITION
 
-
-class WaitTimeout(PSError):
+class WaitTimeout(PSError, code=Code.DEADLINE_EXCEEDED):
     """A wait (for other workers, initialization, a server) ran out of time."""
 
-    code = Code.DEADLINE_EXCEEDED
 
-
-class Unavailable(PSError):
+class Unavailable(PSError, code=Code.UNAVAILABLE):
     """The server cannot be reached or is shutting down."""
 
-    code = Code.UNAVAILABLE
 
-
-class ResourceExhausted(PSError):
+class ResourceExhausted(PSError, code=Code.RESOURCE_EXHAUSTED):
     """The request needs more memory than the server can have."""
 
-    code = Code.RESOURCE_EXHAUSTED
 
-
-class Unauthenticated(PSError):
+class Unauthenticated(PSError, code=Code.UNAUTHENTICATED):
     """The call carried no token, or the wrong one."""
 
-    code = Code.UNAUTHENTICATED
 
-
-class Unimplemented(PSError):
+class Unimplemented(PSError, code=Code.UNIMPLEMENTED):
     """The server has no such method."""
 
-    code = Code.UNIMPLEMENTED
 
-
-class Cancelled(PSError):
+class Cancelled(PSError, code=Code.CANCELLED):
     """The caller abandoned the call."""
-
-    code = Code.CANCELLED
 
 
 _BY_CODE: dict[Code, type[PSError]] = {

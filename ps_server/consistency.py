@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from ps_common.errors import FailedPrecondition
 from ps_common.proto import ps_pb2 as pb
 from ps_server.keys import Slot
 
-__all__ = ["blocking_workers", "check_ssp_bound", "fresh_keys", "readable"]
+__all__ = ["Read", "check_ssp_bound", "fresh_keys"]
 
 log = logging.getLogger(__name__)
 
@@ -59,44 +60,42 @@ def fresh_keys(job: pb.JobSpec, worker: int, step: int, slots: Iterable[Slot]) -
     return fresh
 
 
-def blocking_workers(
-    job: pb.JobSpec,
-    step: int,
-    slots: Sequence[Slot],
-    wait_for_all: bool,
-    live: Sequence[int],
-    clocks: Callable[[], Mapping[int, int]],
-) -> list[int]:
-    """The workers whose pushes a read of `slots` for `step` still waits for
-    (empty: it may read), among the `live` ones; `clocks()` gives the
-    workers' clocks, asked only where the mode needs them."""
-    if wait_for_all:
-        needed = step
-    elif job.mode == pb.BSP:
-        if all(s.version >= step for s in slots):
+@dataclass(frozen=True)
+class Read:
+    """A read of `slots` for `step` by a worker (`wait_for_all`: only once
+    every worker pushed `step` steps, whatever the mode), with the `live`
+    workers and `clocks()`, which gives their clocks and is asked only where
+    the mode needs them."""
+
+    job: pb.JobSpec
+    step: int
+    slots: Sequence[Slot]
+    wait_for_all: bool
+    live: Sequence[int]
+    clocks: Callable[[], Mapping[int, int]]
+
+    def blocking_workers(self) -> list[int]:
+        """The workers whose pushes the read still waits for (empty: it may read)."""
+        step, slots = self.step, self.slots
+        if self.wait_for_all:
+            needed = step
+        elif self.job.mode == pb.BSP:
+            if all(s.version >= step for s in slots):
+                return []
+            return [w for w in self.live if any(s.last_push.get(w, -1) < step - 1 for s in slots)]
+        elif self.job.mode == pb.SSP:
+            needed = step - self.job.staleness
+        else:
             return []
-        return [w for w in live if any(s.last_push.get(w, -1) < step - 1 for s in slots)]
-    elif job.mode == pb.SSP:
-        needed = step - job.staleness
-    else:
-        return []
-    clock = clocks()
-    return [w for w in live if clock.get(w, 0) < needed]
+        clock = self.clocks()
+        return [w for w in self.live if clock.get(w, 0) < needed]
 
-
-def readable(
-    job: pb.JobSpec,
-    step: int,
-    slots: Sequence[Slot],
-    wait_for_all: bool,
-    live: Sequence[int],
-    clocks: Callable[[], Mapping[int, int]],
-) -> list[Slot]:
-    """Those of `slots` a worker may read for `step` now. In BSP a key may be
-    read as soon as its own step is complete, while others still wait; in
-    ASP and SSP, and when waiting for all workers, all become readable at once."""
-    if job.mode == pb.BSP and not wait_for_all:
-        ready = [s for s in slots if s.version >= step]
-        if ready:
-            return ready
-    return [] if blocking_workers(job, step, slots, wait_for_all, live, clocks) else list(slots)
+    def readable(self) -> list[Slot]:
+        """Those of the slots the worker may read now. In BSP a key may be read
+        as soon as its own step is complete, while others still wait; in ASP
+        and SSP, and when waiting for all workers, all become readable at once."""
+        if self.job.mode == pb.BSP and not self.wait_for_all:
+            ready = [s for s in self.slots if s.version >= self.step]
+            if ready:
+                return ready
+        return [] if self.blocking_workers() else list(self.slots)

@@ -11,9 +11,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from ps_common.metrics import Metrics
 
 if TYPE_CHECKING:
     from ps_server.shard import Shard
@@ -22,18 +23,17 @@ if TYPE_CHECKING:
 CONNECTED_WITHIN_SECONDS = 60.0
 
 
-class ServerMetrics:
+class ServerMetrics(Metrics):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.update_seconds = Histogram(
-            "ps_update_duration_seconds", "Time to apply one optimizer update to the shard", registry=self.registry
+        super().__init__()
+        self.update_seconds = self.histogram(
+            "ps_update_duration_seconds", "Time to apply one optimizer update to the shard"
         )
-        self.push_staleness = Histogram(
-            "ps_push_staleness_updates",
-            "Updates a push missed since its worker last read (ASP/SSP)",
-            buckets=(0, 1, 2, 4, 8, 16, 32, 64),
-            registry=self.registry,
-        )
+        staleness_buckets = (0, 1, 2, 4, 8, 16, 32, 64)
+        self.push_staleness = self.histogram(
+            "ps_push_staleness_updates", "Updates a push missed since its worker last read (ASP/SSP)",
+            buckets=staleness_buckets,
+        )  # fmt: skip
 
     def watch(self, shard: Shard) -> None:
         self.registry.register(_ShardCollector(shard))

@@ -6,9 +6,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import start_http_server
 
 from ps_server.checkpointer import Checkpointer
 from ps_server.config import ServerConfig
@@ -35,8 +32,8 @@ class RunningServer:
     metrics_port: int | None
     checkpointer: Checkpointer | None
     grpc_server: GrpcServer
-    data_server: SocketServer | None = None
-    _metrics_http: Any = None
+    data_server: SocketServer | None
+    metrics: ServerMetrics
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, wake waiting pulls, give in-flight calls `grace`
@@ -48,9 +45,7 @@ class RunningServer:
         self.grpc_server.stop(grace)
         if self.checkpointer is not None:
             self.checkpointer.stop()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        self.metrics.close()
 
 
 def start_server(config: ServerConfig) -> RunningServer:
@@ -75,11 +70,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         data_server = SocketServer(service, config.host, config.data_port, 16 * config.threads, security)
         data_server.start()
         service.data_port, service.data_socket = data_server.port, data_server.socket_name
-    metrics_http = None
-    metrics_port = None
-    if config.metrics_port is not None:
-        metrics_http, _ = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
-        metrics_port = int(metrics_http.server_port)
+    metrics_port = None if config.metrics_port is None else metrics.serve(config.metrics_port, config.host)
     if checkpointer is not None:
         checkpointer.start()
     warm_up()
@@ -93,5 +84,5 @@ def start_server(config: ServerConfig) -> RunningServer:
         f", metrics on :{metrics_port}" if metrics_port else "",
     )  # fmt: skip
     return RunningServer(
-        shard, service, grpc_server.port, address, metrics_port, checkpointer, grpc_server, data_server, metrics_http
+        shard, service, grpc_server.port, address, metrics_port, checkpointer, grpc_server, data_server, metrics
     )

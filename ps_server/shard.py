@@ -347,11 +347,11 @@ class Shard:
         while not self._closed:
             self._expire_workers()
             job, _ = self._require_job()
-            live = self.workers.live(job.num_workers)
-            ready = consistency.readable(job, step, slots, wait_for_all, live, self._clocks)
+            read = consistency.Read(job, step, slots, wait_for_all, self.workers.live(job.num_workers), self._clocks)
+            ready = read.readable()
             if ready:
                 return ready
-            blocking = consistency.blocking_workers(job, step, slots, wait_for_all, live, self._clocks)
+            blocking = read.blocking_workers()
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 self.counters["pull_timeouts"] += 1

@@ -20,23 +20,21 @@ def data_call(
             data_channel.write(sock, pb.DataHeader(method=method if index == 0 else "", auth_token=token), body)
         if end:
             data_channel.write(sock, pb.DataHeader(method="" if bodies else method, auth_token=token, last=True))
-        answers = []
-        receiver = data_channel.Receiver(stream)
-        while True:
-            header, body = receiver.read()
-            if header.last:
-                return Code(header.code), header.details, answers
-            answers.append(bytes(body))
+        return _answer(data_channel.Receiver(stream))
 
 
 def data_pull(port: int, request: pb.PullRequest) -> tuple[Code, str, list[bytes]]:
     """A Pull: one message, marked last, carrying the request."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
         data_channel.write(sock, pb.DataHeader(method="Pull", last=True), request.SerializeToString())
-        answers = []
-        receiver = data_channel.Receiver(stream)
-        while True:
-            header, body = receiver.read()
-            if header.last:
-                return Code(header.code), header.details, answers
-            answers.append(bytes(body))
+        return _answer(data_channel.Receiver(stream))
+
+
+def _answer(receiver: data_channel.Receiver) -> tuple[Code, str, list[bytes]]:
+    """The server's answer: its status, details and bodies."""
+    answers = []
+    while True:
+        header, body = receiver.read()
+        if header.last:
+            return Code(header.code), header.details, answers
+        answers.append(bytes(body))

@@ -14,10 +14,11 @@ again after a server restarts elsewhere.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ps_common import assembly, wire
+from ps_common import wire
+from ps_common.assembly import Allocator, OnComplete
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.links import host_of
 from ps_worker.transport.base import PushCall, Transport
@@ -96,14 +97,8 @@ class _Discovered(Transport):
     def push(self, frames: Iterable[wire.Frame], timeout: float) -> PushCall:
         return self._transport().push(frames, timeout)
 
-    def pull(
-        self,
-        request: pb.PullRequest,
-        timeout: float,
-        destination: assembly.Allocator,
-        on_complete: Callable[[str], None] | None = None,
-    ) -> None:
-        self._transport().pull(request, timeout, destination, on_complete)
+    def pull(self, request: pb.PullRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        self._transport().pull(request, timeout, into, done)
 
     def stats(self, timeout: float) -> pb.StatsResponse:
         return self._transport().stats(timeout)

@@ -9,10 +9,11 @@ never learns which transport carried a call.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from ps_common import assembly, wire
+from ps_common import wire
+from ps_common.assembly import Allocator, OnComplete
 from ps_common.errors import Code, error_for
 from ps_common.proto import ps_pb2 as pb
 
@@ -43,16 +44,11 @@ class Transport(abc.ABC):
         """Start pushing `frames` as they are yielded, from another thread."""
 
     @abc.abstractmethod
-    def pull(
-        self,
-        request: pb.PullRequest,
-        timeout: float,
-        destination: assembly.Allocator,
-        on_complete: Callable[[str], None] | None = None,
-    ) -> None:
-        """Read the answer into the tensors `destination` gives (assembly.receive),
-        here rather than by the caller, so that a connection cut off in the
-        middle of a tensor fails with a status like any other failure."""
+    def pull(self, request: pb.PullRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        """Read the answer into the tensors `into` gives (assembly.receive),
+        calling `done(key)` as each is whole: here rather than by the caller,
+        so that a connection cut off in the middle of a tensor fails with a
+        status like any other failure."""
 
     @abc.abstractmethod
     def stats(self, timeout: float) -> pb.StatsResponse: ...

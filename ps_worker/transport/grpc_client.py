@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from ps_common import assembly, wire
+from ps_common.assembly import Allocator, OnComplete
 from ps_common.proto import ps_pb2 as pb
 from ps_common.security import TOKEN_METADATA_KEY, bearer
 from ps_worker.transport.base import PushCall, Transport, failure
@@ -135,14 +136,8 @@ class GrpcTransport(Transport):
     def push(self, frames: Iterable[wire.Frame], timeout: float) -> PushCall:
         return _Push(self, self._push.future(iter(frames), timeout=timeout))
 
-    def pull(
-        self,
-        request: pb.PullRequest,
-        timeout: float,
-        destination: assembly.Allocator,
-        on_complete: Callable[[str], None] | None = None,
-    ) -> None:
-        self.translated(lambda: assembly.receive(self._pull(request, timeout=timeout), destination, on_complete))
+    def pull(self, request: pb.PullRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        self.translated(lambda: assembly.receive(self._pull(request, timeout=timeout), into, done))
 
     def stats(self, timeout: float) -> pb.StatsResponse:
         response: pb.StatsResponse = self.translated(lambda: self._stats(pb.StatsRequest(), timeout=timeout))

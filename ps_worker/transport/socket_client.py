@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ps_common import assembly, codec, data_channel, wire
+from ps_common.assembly import Allocator, OnComplete
 from ps_common.errors import Cancelled, Code, InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.links import is_loopback
@@ -185,13 +186,7 @@ class SocketTransport(Transport):
             lambda: pb.PushResponse.FromString(self._client_stream("Push", frames, timeout, call))
         )
 
-    def pull(
-        self,
-        request: pb.PullRequest,
-        timeout: float,
-        destination: assembly.Allocator,
-        on_complete: Callable[[str], None] | None = None,
-    ) -> None:
+    def pull(self, request: pb.PullRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
         shared = self._shared_weights(timeout)
         reader = None
         if shared is not None:
@@ -203,7 +198,7 @@ class SocketTransport(Transport):
         with self._connected(timeout) as connection:
             header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
             self._send(connection, header, request.SerializeToString())
-            assembly.receive(self._answers(connection, reader), destination, on_complete)
+            assembly.receive(self._answers(connection, reader), into, done)
 
     def close(self) -> None:
         self._pushers.shutdown(wait=True)
