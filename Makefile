@@ -27,6 +27,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest $(PARALLEL) -m "not e2e"
 
+## One level of the suite: units, the in-process cluster, real processes.
+test-unit: $(STAMP)
+	$(PY) -m pytest $(PARALLEL) tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest $(PARALLEL) tests/integration
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest tests/e2e
+
 ## Lint, format, types, and generated stubs in sync with proto/.
 check: $(STAMP)
 	$(VENV)/bin/ruff check .

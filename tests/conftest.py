@@ -1,3 +1,7 @@
+"""Fixtures of every level: tests/unit (no server), tests/integration
+(InProcessCluster in this process, via tests/integration/conftest.py) and
+tests/e2e (real processes)."""
+
 from __future__ import annotations
 
 import os
@@ -35,9 +39,12 @@ def no_leftover_processes() -> Iterator[None]:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`), run the end-to-end tests one after
-    another in one worker: each loads every core, and two at once would only
-    stretch both past their deadlines."""
+    """Every test under tests/e2e is marked e2e. Under pytest-xdist (`make
+    test`), the end-to-end tests run one after another in one worker: each
+    loads every core, and two at once would only stretch both past their
+    deadlines."""
     for item in items:
+        if "e2e" in item.path.relative_to(Path(__file__).parent).parts[:1]:
+            item.add_marker(pytest.mark.e2e)
         if item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.xdist_group("e2e"))

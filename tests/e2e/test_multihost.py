@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.hosts import Host, available, emulated_hosts
 from ps_worker.transport import socket_client
-from tests.processes import worker_result
+from tests.support.processes import worker_result
 
 pytestmark = [
     pytest.mark.e2e,

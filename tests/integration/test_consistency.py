@@ -19,7 +19,8 @@ from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_server.shard import Shard
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from tests.training import SPLITTING, batches, loss_of, max_difference, small_model, train_local
+from tests.integration.conftest import StartCluster
+from tests.support.training import SPLITTING, batches, loss_of, max_difference, small_model, train_local
 
 WORKERS = 4
 
@@ -43,12 +44,15 @@ def _bsp_worker(addresses: list[str], rank: int, model: torch.nn.Module, data, m
     ids=["adam", "sgd-momentum"],
 )
 @pytest.mark.parametrize("pull_while_pushing", [True, False], ids=["pull-while-pushing", "push-then-pull"])
-def test_bsp_four_workers_equal_single_process_on_the_whole_batch(make_opt, pull_while_pushing: bool) -> None:  # type: ignore[no-untyped-def]
+def test_bsp_four_workers_equal_single_process_on_the_whole_batch(
+    start_cluster: StartCluster, make_opt, pull_while_pushing: bool
+) -> None:  # type: ignore[no-untyped-def]
     data = batches(60, batch=32)
     oracle = small_model()
     train_local(oracle, make_opt(oracle), data)
     replicas = [small_model() for _ in range(WORKERS)]
-    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(WORKERS) as pool:
+    cluster = start_cluster(num_servers=2)
+    with ThreadPoolExecutor(WORKERS) as pool:
         config = dataclasses.replace(SPLITTING, pull_while_pushing=pull_while_pushing)
         jobs = [
             pool.submit(_bsp_worker, cluster.addresses, r, replicas[r], data, make_opt, config) for r in range(WORKERS)
@@ -107,10 +111,13 @@ def test_asp_applies_every_push_on_arrival_without_waiting() -> None:
         assert [k.version for k in stats.keys] == [4]  # weight and bias, fused into one key
 
 
-def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes_before_it_is_sent() -> None:
+def test_asp_pull_message_keeps_the_weights_it_was_cut_from_when_an_update_comes_before_it_is_sent(
+    start_cluster: StartCluster,
+) -> None:
     """In ASP a push may be applied while a Pull answer is still on its way:
     each message is copied when cut (BSP sends views: nothing can change)."""
-    with InProcessCluster() as cluster, PSClient(cluster.addresses, 0, 1) as client:
+    cluster = start_cluster()
+    with PSClient(cluster.addresses, 0, 1) as client:
         model = torch.nn.Linear(2, 1)
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
                                    named_parameters=model.named_parameters(), mode="asp")  # fmt: skip
@@ -190,10 +197,13 @@ def test_a_bsp_pull_sends_each_key_as_soon_as_its_step_is_complete() -> None:
     assert next(reading, None) is None
 
 
-def test_push_pull_whose_push_is_refused_abandons_its_pull_and_raises_the_push_error() -> None:
+def test_push_pull_whose_push_is_refused_abandons_its_pull_and_raises_the_push_error(
+    start_cluster: StartCluster,
+) -> None:
     config = ClientConfig(timeout=10, wait_log_interval=0.2)
     model = torch.nn.Linear(2, 1)
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 2, config) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 2, config) as client:
         client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
         grads = {name: torch.ones_like(p) for name, p in model.named_parameters()}
         into = {name: torch.full_like(p, 7.0) for name, p in model.named_parameters()}

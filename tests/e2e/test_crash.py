@@ -14,7 +14,7 @@ import pytest
 
 from ps_common.proto import ps_pb2 as pb
 from ps_common.proto import ps_pb2_grpc
-from tests.processes import free_port, worker_result
+from tests.support.processes import free_port, worker_result
 
 pytestmark = pytest.mark.e2e
 

@@ -29,9 +29,10 @@ from ps_server.shard import Shard
 from ps_server.shared_weights import SharedWeights
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.transport import ClientSecurity, socket_client
-from tests.raw_data_channel import data_call, data_pull
-from tests.test_bad_input import _assert_same, _snapshot
-from tests.training import SPLITTING, batches, loss_of, small_model, train_distributed
+from tests.integration.conftest import StartCluster
+from tests.support.raw_data_channel import data_call, data_pull
+from tests.support.shard_state import assert_same, snapshot
+from tests.support.training import SPLITTING, batches, loss_of, small_model, train_distributed
 
 FUZZ = settings(
     max_examples=int(os.environ.get("PS_FUZZ_EXAMPLES", "60")),
@@ -67,10 +68,10 @@ def _calls(server: RunningServer) -> tuple[int, int]:
 
 def _unchanged(before: dict, server: RunningServer) -> None:  # type: ignore[type-arg]
     """The shard as `before`, but for the pulls _still_serving made."""
-    after = _snapshot(server.shard)
-    for snapshot in (before, after):
-        snapshot["counters"] = {k: v for k, v in snapshot["counters"].items() if k not in ("pulls", "bytes_out")}
-    _assert_same(before, after)
+    after = snapshot(server.shard)
+    for state in (before, after):
+        state["counters"] = {k: v for k, v in state["counters"].items() if k not in ("pulls", "bytes_out")}
+    assert_same(before, after)
 
 
 def _still_serving(server: RunningServer) -> None:
@@ -123,13 +124,16 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
 
 
 @pytest.mark.parametrize("over_a_link", [False, True])
-def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(monkeypatch, over_a_link: bool) -> None:  # type: ignore[no-untyped-def]
+def test_over_a_link_a_push_starts_sending_once_the_one_before_is_sent(
+    start_cluster: StartCluster, monkeypatch, over_a_link: bool
+) -> None:  # type: ignore[no-untyped-def]
     """Two pushes sending at once over a link would share its bandwidth; on
     this host the second goes at once."""
     monkeypatch.setattr(socket_client, "crosses_a_link", lambda sock: over_a_link)
     model = small_model()
     config = dataclasses.replace(SPLITTING, data_socket=False)
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, config) as client:
         client.init(list(model.named_parameters()), torch.optim.SGD(model.parameters(), lr=0.1))
         header = pb.PushHeader(worker_id=0, step=0)
         chunks = [chunk for piece in client.layout.pieces[0]
@@ -178,20 +182,20 @@ def test_only_tcp_to_another_host_crosses_a_link() -> None:
         # TCP to another host: tests/test_multihost.py.
 
 
-def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most() -> None:
-    with InProcessCluster(num_servers=1) as cluster:
-        transport = _socket_transport(cluster.servers[0])
-        link = type("Link", (), {"over_link": True})()
-        with (
-            transport._one_sending_over_a_link(link, timeout=1.0),  # type: ignore[arg-type]
-            pytest.raises(PSError, match="waited 0.2s for the push before") as refused,
-            transport._one_sending_over_a_link(link, timeout=0.2),  # type: ignore[arg-type]
-        ):
-            pass
-        assert refused.value.code == Code.DEADLINE_EXCEEDED
-        with transport._one_sending_over_a_link(link, timeout=0.2):  # type: ignore[arg-type]
-            pass  # its turn, once the first has sent
-        transport.close()
+def test_a_push_waits_its_turn_over_a_link_for_its_deadline_at_most(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1)
+    transport = _socket_transport(cluster.servers[0])
+    link = type("Link", (), {"over_link": True})()
+    with (
+        transport._one_sending_over_a_link(link, timeout=1.0),  # type: ignore[arg-type]
+        pytest.raises(PSError, match="waited 0.2s for the push before") as refused,
+        transport._one_sending_over_a_link(link, timeout=0.2),  # type: ignore[arg-type]
+    ):
+        pass
+    assert refused.value.code == Code.DEADLINE_EXCEEDED
+    with transport._one_sending_over_a_link(link, timeout=0.2):  # type: ignore[arg-type]
+        pass  # its turn, once the first has sent
+    transport.close()
 
 
 def test_pushes_over_a_link_train_the_same_weights(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -318,7 +322,7 @@ def test_shared_weights_hold_a_copy_of_each_tensor_aligned() -> None:
 
 def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> None:  # type: ignore[no-untyped-def]
     running, _ = server
-    before = _snapshot(running.shard)
+    before = snapshot(running.shard)
     port = _port(running)
     assert data_call(port, "Frobnicate", [b""])[0] == Code.UNIMPLEMENTED
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as stream:
@@ -334,25 +338,23 @@ def test_unknown_method_oversize_frames_and_wrong_token_get_a_status(server) -> 
     _unchanged(before, running)
 
 
-def test_the_data_channel_requires_the_token() -> None:
-    with InProcessCluster(num_servers=1, config=ServerConfig(auth_token="s3cret")) as cluster:
-        port = _port(cluster.servers[0])
-        code, details, _ = data_pull(port, pb.PullRequest())
-        assert code == Code.UNAUTHENTICATED and "token" in details
-        assert data_call(port, "Pull", [pb.PullRequest().SerializeToString()], token="s3cret")[0] != (
-            Code.UNAUTHENTICATED
-        )
-        for token, code in (
-            ("wrong", Code.UNAUTHENTICATED),
-            ("s3cret", Code.FAILED_PRECONDITION),
-        ):
-            header, _, fds = _share(cluster.servers[0], token)  # before Init, even the right token gets nothing
-            assert Code(header.code) == code and fds == []
+def test_the_data_channel_requires_the_token(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1, config=ServerConfig(auth_token="s3cret"))
+    port = _port(cluster.servers[0])
+    code, details, _ = data_pull(port, pb.PullRequest())
+    assert code == Code.UNAUTHENTICATED and "token" in details
+    assert data_call(port, "Pull", [pb.PullRequest().SerializeToString()], token="s3cret")[0] != (Code.UNAUTHENTICATED)
+    for token, code in (
+        ("wrong", Code.UNAUTHENTICATED),
+        ("s3cret", Code.FAILED_PRECONDITION),
+    ):
+        header, _, fds = _share(cluster.servers[0], token)  # before Init, even the right token gets nothing
+        assert Code(header.code) == code and fds == []
 
 
 def test_a_push_cut_off_in_the_middle_applies_nothing(server) -> None:  # type: ignore[no-untyped-def]
     running, key = server
-    before = _snapshot(running.shard)
+    before = snapshot(running.shard)
     spec = next(k for k in running.shard.job.keys if k.key == key)
     grad = torch.ones(spec.shape[0])
     request = pb.PushRequest(header=pb.PushHeader(worker_id=1, step=0),
@@ -368,7 +370,7 @@ def test_a_client_stalled_in_the_middle_of_a_push_is_cut_off_at_its_deadline(ser
     """Half a message, then silence with the connection open: the server closes
     it once the call's deadline passes, says so, and applies nothing."""
     running, _ = server
-    before = _snapshot(running.shard)
+    before = snapshot(running.shard)
     head = pb.DataHeader(method="Push", timeout=0.5, body_length=1000).SerializeToString()
     with socket.create_connection(("127.0.0.1", _port(running)), timeout=10) as sock:
         sock.sendall(struct.pack("<I", len(head)) + head + b"\x0a" * 10)
@@ -380,16 +382,17 @@ def test_a_client_stalled_in_the_middle_of_a_push_is_cut_off_at_its_deadline(ser
     _unchanged(before, running)
 
 
-def test_a_cancelled_push_stream_applies_nothing() -> None:
+def test_a_cancelled_push_stream_applies_nothing(start_cluster: StartCluster) -> None:
     model = small_model()
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), client,
                                    named_parameters=model.named_parameters(), overlap=True)  # fmt: skip
-        before = _snapshot(cluster.servers[0].shard)
+        before = snapshot(cluster.servers[0].shard)
         (x, y), = batches(1, batch=4)  # fmt: skip
         loss_of(model, x, y).backward()  # the hooks start a push
         opt.close()  # abandons it
-        _assert_same(before, _snapshot(cluster.servers[0].shard))
+        assert_same(before, snapshot(cluster.servers[0].shard))
 
 
 def test_a_restarted_server_on_a_new_data_port_is_found_again() -> None:
@@ -416,17 +419,17 @@ def test_a_restarted_server_on_a_new_data_port_is_found_again() -> None:
         first.stop(grace=0)
 
 
-def test_a_unix_socket_out_of_reach_leaves_the_worker_on_tcp() -> None:
+def test_a_unix_socket_out_of_reach_leaves_the_worker_on_tcp(start_cluster: StartCluster) -> None:
     """A server's socket name that cannot be connected to (a worker on
     another host, in another network namespace, sees none of its names):
     the worker uses the TCP port, without an error."""
-    with InProcessCluster(num_servers=1) as cluster:
-        running = cluster.servers[0]
-        running.service.data_socket = "ps-data-of-a-server-on-another-host"
-        model = small_model()
-        train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4))
-        tcp, unix = _calls(running)
-        assert tcp > 0 and unix == 0
+    cluster = start_cluster(num_servers=1)
+    running = cluster.servers[0]
+    running.service.data_socket = "ps-data-of-a-server-on-another-host"
+    model = small_model()
+    train_distributed(cluster.addresses, model, torch.optim.SGD(model.parameters(), lr=0.1), batches(2, 4))
+    tcp, unix = _calls(running)
+    assert tcp > 0 and unix == 0
 
 
 @FUZZ
@@ -449,7 +452,7 @@ def test_random_frames_never_take_the_data_channel_down(server, frames: list[byt
 @given(bodies=st.lists(st.binary(max_size=200), min_size=1, max_size=3), method=st.sampled_from(list(wire.METHODS)))
 def test_random_bodies_get_a_status_and_change_nothing(server, bodies: list[bytes], method: str) -> None:  # type: ignore[no-untyped-def]
     running, _ = server
-    before = _snapshot(running.shard)
+    before = snapshot(running.shard)
     code, _, _ = data_call(_port(running), method, bodies)
     assert code not in (Code.INTERNAL, Code.UNKNOWN)
     _still_serving(running)
@@ -472,21 +475,21 @@ def test_a_server_on_every_ipv6_and_ipv4_address_serves_both_on_the_data_channel
         running.stop(grace=0)
 
 
-def test_connections_beyond_the_cap_are_told_to_retry_later() -> None:
-    with InProcessCluster(num_servers=1, config=ServerConfig(threads=1)) as cluster:  # a cap of 16 connections
-        port = _port(cluster.servers[0])
-        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
-        try:
-            code, details, _ = data_pull(port, pb.PullRequest())  # accepted after the 16, in order
-            assert code == Code.UNAVAILABLE and "retry later" in details
-        finally:
-            for sock in held:
-                sock.close()
-        deadline = time.monotonic() + 10
-        while (code := data_pull(port, pb.PullRequest())[0]) == Code.UNAVAILABLE:
-            assert time.monotonic() < deadline, "closed connections were never let go"
-            time.sleep(0.05)
-        assert code == Code.FAILED_PRECONDITION  # served again: no job yet
+def test_connections_beyond_the_cap_are_told_to_retry_later(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1, config=ServerConfig(threads=1))  # a cap of 16 connections
+    port = _port(cluster.servers[0])
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
+    try:
+        code, details, _ = data_pull(port, pb.PullRequest())  # accepted after the 16, in order
+        assert code == Code.UNAVAILABLE and "retry later" in details
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while (code := data_pull(port, pb.PullRequest())[0]) == Code.UNAVAILABLE:
+        assert time.monotonic() < deadline, "closed connections were never let go"
+        time.sleep(0.05)
+    assert code == Code.FAILED_PRECONDITION  # served again: no job yet
 
 
 def test_a_body_in_pieces_arrives_whole_through_partial_gather_writes() -> None:
@@ -573,13 +576,16 @@ class _CuttingProxy:
 
 
 @pytest.mark.parametrize("how", ["stall", "close"])
-def test_a_pull_cut_off_in_the_middle_of_a_tensor_is_retried_and_arrives_whole(how: str) -> None:
+def test_a_pull_cut_off_in_the_middle_of_a_tensor_is_retried_and_arrives_whole(
+    start_cluster: StartCluster, how: str
+) -> None:
     """The link goes down while a tensor's data streams in: the worker's
     deadline (a stall) or the closed connection ends that attempt with a
     status the client retries, and the next attempt reads the weights whole."""
     weights = {"w": torch.randn(2**18)}  # 1 MiB: its data is read straight from the connection
     config = ClientConfig(timeout=1.0, wait_log_interval=0.5, wait_timeout=30, data_socket=False)
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, config) as client:
         running = cluster.servers[0]
         proxy = _CuttingProxy(_port(running), after=2**19)
         running.service.data_port = proxy.port

@@ -7,7 +7,7 @@ import torch
 from ps_common.errors import PSError
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from tests.training import batches, small_model, train_distributed
+from tests.support.training import batches, small_model, train_distributed
 
 
 def _our_threads(seconds: float = 5.0) -> list[str]:

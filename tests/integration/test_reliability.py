@@ -21,7 +21,8 @@ from ps_server.storage import ShardState, latest_checkpoint, write_checkpoint
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.ctl import main as ctl_main
 from ps_worker.export import ExportedModel
-from tests.training import batches, loss_of, max_difference, small_model, train_distributed, train_local
+from tests.integration.conftest import StartCluster
+from tests.support.training import batches, loss_of, max_difference, small_model, train_distributed, train_local
 
 QUICK = ClientConfig(timeout=10, wait_timeout=30, wait_log_interval=1)
 
@@ -97,9 +98,10 @@ def test_checkpoint_on_request_and_export_of_the_whole_model(tmp_path: Path, cap
     assert max_difference(fresh, model) == 0
 
 
-def test_push_retried_after_a_lost_response_is_applied_once() -> None:
+def test_push_retried_after_a_lost_response_is_applied_once(start_cluster: StartCluster) -> None:
     """The server applied the push, the answer never arrived, the client sends it again."""
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, QUICK) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, QUICK) as client:
         model = torch.nn.Linear(3, 1)
         opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), client,
                                    named_parameters=model.named_parameters())  # fmt: skip
@@ -115,29 +117,29 @@ def test_push_retried_after_a_lost_response_is_applied_once() -> None:
         del opt
 
 
-def test_ssp_push_older_than_the_bound_is_refused_and_changes_nothing() -> None:
-    with InProcessCluster(num_servers=1) as cluster:
-        fast, slow = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-        client_f = PSClient(cluster.addresses, 0, 2, QUICK)
-        opt_f = DistributedOptimizer(torch.optim.SGD(fast.parameters(), lr=0.1), client_f,
-                                     named_parameters=fast.named_parameters(), mode="ssp", staleness=1)  # fmt: skip
-        client_s = PSClient(cluster.addresses, 1, 2, QUICK)
-        DistributedOptimizer(torch.optim.SGD(slow.parameters(), lr=0.1), client_s,
-                             named_parameters=slow.named_parameters(), mode="ssp", staleness=1)  # fmt: skip
-        grads = {n: torch.ones_like(p) for n, p in fast.named_parameters()}
-        for step in range(3):
-            client_s.push(grads, step)  # the "slow" worker races ahead without reading
-        before = client_f.stats()[0]
-        with grpc.insecure_channel(cluster.addresses[0]) as channel:
-            header = pb.PushRequest(header=pb.PushHeader(worker_id=0, step=0))
-            with pytest.raises(grpc.RpcError) as info:
-                ps_pb2_grpc.ParameterServerStub(channel).Push(iter([header]), timeout=5)
-        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "staleness bound" in info.value.details()
-        after = client_f.stats()[0]
-        assert [k.version for k in after.keys] == [k.version for k in before.keys] and after.updates == before.updates
-        del opt_f
-        client_f.close()
-        client_s.close()
+def test_ssp_push_older_than_the_bound_is_refused_and_changes_nothing(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1)
+    fast, slow = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    client_f = PSClient(cluster.addresses, 0, 2, QUICK)
+    opt_f = DistributedOptimizer(torch.optim.SGD(fast.parameters(), lr=0.1), client_f,
+                                 named_parameters=fast.named_parameters(), mode="ssp", staleness=1)  # fmt: skip
+    client_s = PSClient(cluster.addresses, 1, 2, QUICK)
+    DistributedOptimizer(torch.optim.SGD(slow.parameters(), lr=0.1), client_s,
+                         named_parameters=slow.named_parameters(), mode="ssp", staleness=1)  # fmt: skip
+    grads = {n: torch.ones_like(p) for n, p in fast.named_parameters()}
+    for step in range(3):
+        client_s.push(grads, step)  # the "slow" worker races ahead without reading
+    before = client_f.stats()[0]
+    with grpc.insecure_channel(cluster.addresses[0]) as channel:
+        header = pb.PushRequest(header=pb.PushHeader(worker_id=0, step=0))
+        with pytest.raises(grpc.RpcError) as info:
+            ps_pb2_grpc.ParameterServerStub(channel).Push(iter([header]), timeout=5)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "staleness bound" in info.value.details()
+    after = client_f.stats()[0]
+    assert [k.version for k in after.keys] == [k.version for k in before.keys] and after.updates == before.updates
+    del opt_f
+    client_f.close()
+    client_s.close()
 
 
 def test_bsp_shard_restored_while_workers_were_a_step_apart_resumes_at_the_latest_step() -> None:

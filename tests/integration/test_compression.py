@@ -13,11 +13,11 @@ import torch
 
 from ps_common import assembly, codec, wire
 from ps_common.proto import ps_pb2 as pb
-from ps_server.harness import InProcessCluster
 from ps_server.shard import PulledKey, Shard
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression, Compressor, Payload
-from tests.training import SPLITTING, batches, loss_of, max_difference, small_model
+from tests.integration.conftest import StartCluster
+from tests.support.training import SPLITTING, batches, loss_of, max_difference, small_model
 
 CONFIG = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)  # pieces of 1024 fp32
 
@@ -205,7 +205,7 @@ def _bsp_worker_on_bf16_weights(addresses: list[str], rank: int, model: torch.nn
     ("data_channel", "shared_weights"), [(True, True), (True, False), (False, False)], ids=["shared", "sent", "grpc"]
 )
 def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
-    data_channel: bool, shared_weights: bool
+    start_cluster: StartCluster, data_channel: bool, shared_weights: bool
 ) -> None:
     """The oracle is mixed precision training in one process: torch.optim
     updates fp32 master weights with the gradients computed on their bf16
@@ -235,7 +235,8 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
 
     replicas = [small_model() for _ in range(2)]
     config = dataclasses.replace(SPLITTING, data_channel=data_channel, shared_weights=shared_weights)
-    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+    cluster = start_cluster(num_servers=2)
+    with ThreadPoolExecutor(2) as pool:
         jobs = [
             pool.submit(_bsp_worker_on_bf16_weights, cluster.addresses, r, replicas[r], data, config) for r in (0, 1)
         ]
@@ -257,7 +258,7 @@ def test_bsp_on_weights_pulled_in_bf16_equals_torch_with_fp32_master_weights(
 
 
 @pytest.mark.parametrize("mode", ["bsp", "asp"])
-def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(mode: str) -> None:
+def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(start_cluster: StartCluster, mode: str) -> None:
     """The servers keep top-k pushes sparse and add only what was sent: into
     the step's sum in BSP, densified for the update in ASP. SGD at lr 1 on
     integer gradients makes every sum exact, whatever order the pushes land
@@ -286,7 +287,8 @@ def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(mode: str) -> N
             opt.pull_final()
         return sent, weights.detach().clone(), sent_bytes
 
-    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+    cluster = start_cluster(num_servers=2)
+    with ThreadPoolExecutor(2) as pool:
         (sent0, final0, bytes0), (sent1, final1, bytes1) = pool.map(train, range(2))
         received = sum(server.shard.counters["bytes_in"] for server in cluster.servers)
     assert received == bytes0 + bytes1 < 2 * 4 * 3000 * 4
@@ -295,13 +297,14 @@ def test_top_k_pushes_of_two_workers_are_added_as_they_were_sent(mode: str) -> N
 
 
 @pytest.mark.parametrize("method", ["fp16", "bf16", "topk"])
-def test_the_server_applies_exactly_what_was_sent(method: str) -> None:
+def test_the_server_applies_exactly_what_was_sent(start_cluster: StartCluster, method: str) -> None:
     """SGD with lr 1: each step subtracts the decoded gradient, across split pieces and 2 servers."""
     torch.manual_seed(1)
     weights = torch.nn.Parameter(torch.randn(3000))
     expected = weights.detach().clone()
     oracle = Compressor(Compression(method, topk_ratio=0.1))  # type: ignore[arg-type]
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(
             torch.optim.SGD([weights], lr=1.0), client, named_parameters=[("w", weights)],
             compression=Compression(method, topk_ratio=0.1),  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ def test_bad_environment_value_is_a_clear_error() -> None:
 
 
 def test_generated_stubs_match_the_proto() -> None:
-    script = Path(__file__).resolve().parent.parent / "scripts" / "gen_proto.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_proto.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -17,7 +17,7 @@ from ps_common import PROTOCOL_VERSION
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_worker import DistributedOptimizer, PSClient
-from tests.training import small_model
+from tests.support.training import small_model
 
 SERVICE = "/ps.v1.ParameterServer/"
 UNARY = ["Hello", "Stats", "Checkpoint"]

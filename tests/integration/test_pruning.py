@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from ps_common.errors import InvalidArgument
-from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.export import ExportedModel, apply_masks, export_model
 from ps_worker.pruning import PruningConfig, magnitude_mask
-from tests.training import batches, loss_of
+from tests.integration.conftest import StartCluster
+from tests.support.training import batches, loss_of
 
 # Splits the 64x64 weight (16 KiB) into 4 KiB ranges over 3 servers.
 SPLIT = ClientConfig(max_piece_bytes=4096, timeout=30, wait_timeout=60)
@@ -55,11 +55,12 @@ def _train_local_with_pruning(net: nn.Module, opt: torch.optim.Optimizer, data) 
     ],
     ids=["sgd-momentum", "adam"],
 )
-def test_masks_of_split_tensors_equal_single_process_pruning(make_opt) -> None:  # type: ignore[no-untyped-def]
+def test_masks_of_split_tensors_equal_single_process_pruning(start_cluster: StartCluster, make_opt) -> None:  # type: ignore[no-untyped-def]
     data = batches(STEPS, batch=16)
     local, remote = model(), model()
     local_masks = _train_local_with_pruning(local, make_opt(local), data)
-    with InProcessCluster(num_servers=3) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
+    cluster = start_cluster(num_servers=3)
+    with PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         opt = DistributedOptimizer(make_opt(remote), client, named_parameters=remote.named_parameters(),
                                    pruning=SCHEDULE)  # fmt: skip
         assert any("[" in p.key for pieces in client.layout.pieces for p in pieces)  # really split
@@ -74,14 +75,15 @@ def test_masks_of_split_tensors_equal_single_process_pruning(make_opt) -> None: 
 
 
 @pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
-def test_pruned_weights_stay_zero_through_optimizer_state(optimizer: str) -> None:
+def test_pruned_weights_stay_zero_through_optimizer_state(start_cluster: StartCluster, optimizer: str) -> None:
     data = batches(STEPS, batch=16)
     net = model()
     make = {
         "sgd-momentum": lambda: torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9),
         "adam": lambda: torch.optim.Adam(net.parameters(), lr=1e-2),
     }[optimizer]
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         opt = DistributedOptimizer(make(), client, named_parameters=net.named_parameters(), pruning=SCHEDULE)
         weight = dict(net.named_parameters())["2.weight"]
         for step, (x, y) in enumerate(data):
@@ -95,10 +97,11 @@ def test_pruned_weights_stay_zero_through_optimizer_state(optimizer: str) -> Non
         assert 1 - int(torch.count_nonzero(weight.detach())) / weight.numel() == pytest.approx(0.8, abs=0.01)
 
 
-def test_sparse_pulls_send_fewer_bytes() -> None:
+def test_sparse_pulls_send_fewer_bytes(start_cluster: StartCluster) -> None:
     net = nn.Linear(256, 256, bias=False)
     schedule = PruningConfig(final_sparsity=0.9, begin_step=0, end_step=0)
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1) as client:
         opt = DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.01), client,
                                    named_parameters=net.named_parameters(), pruning=schedule)  # fmt: skip
         before = client.stats()[0].bytes_out
@@ -110,10 +113,11 @@ def test_sparse_pulls_send_fewer_bytes() -> None:
     assert sent < 0.25 * dense
 
 
-def test_export_loads_into_the_original_module_and_keeps_its_masks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_export_loads_into_the_original_module_and_keeps_its_masks(start_cluster: StartCluster, tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = batches(STEPS, batch=16)
     net = model()
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         opt = DistributedOptimizer(torch.optim.Adam(net.parameters(), lr=1e-2), client,
                                    named_parameters=net.named_parameters(), pruning=SCHEDULE)  # fmt: skip
         for x, y in data:
@@ -132,14 +136,15 @@ def test_export_loads_into_the_original_module_and_keeps_its_masks(tmp_path) -> 
     assert torch.equal(fresh[2].weight_mask.bool(), exported.masks["2.weight"])
 
 
-def test_only_worker_zero_sends_thresholds() -> None:
+def test_only_worker_zero_sends_thresholds(start_cluster: StartCluster) -> None:
     import grpc
 
     from ps_common.proto import ps_pb2 as pb
     from ps_common.proto import ps_pb2_grpc
 
     net = model()
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 2) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 2) as client:
         DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), client,
                              named_parameters=net.named_parameters(), pruning=SCHEDULE, mode="asp")  # fmt: skip
         with grpc.insecure_channel(cluster.addresses[0]) as channel:
@@ -150,9 +155,12 @@ def test_only_worker_zero_sends_thresholds() -> None:
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only worker 0" in info.value.details()
 
 
-def test_a_threshold_for_a_parameter_not_pruned_is_refused_though_it_shares_a_fused_key() -> None:
+def test_a_threshold_for_a_parameter_not_pruned_is_refused_though_it_shares_a_fused_key(
+    start_cluster: StartCluster,
+) -> None:
     net = model()
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLIT) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, SPLIT) as client:
         DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), client,
                              named_parameters=net.named_parameters(), pruning=SCHEDULE)  # fmt: skip
         assert any(p.fused and "0.bias" in p.names for p in client.layout.pieces[0])

@@ -15,7 +15,8 @@ from ps_server.config import ServerConfig
 from ps_server.harness import InProcessCluster
 from ps_worker.ctl import main as ctl_main
 from ps_worker.demo.metrics import WorkerMetrics
-from tests.training import SPLITTING, batches, small_model, train_distributed
+from tests.integration.conftest import StartCluster
+from tests.support.training import SPLITTING, batches, small_model, train_distributed
 
 WITH_METRICS = dataclasses.replace(ServerConfig(), metrics_port=0)
 
@@ -40,8 +41,9 @@ def test_health_is_serving_while_up_and_not_serving_after_stop() -> None:
     assert server.grpc_server.health() == "NOT_SERVING"
 
 
-def test_reflection_lists_the_parameter_server_service() -> None:
-    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+def test_reflection_lists_the_parameter_server_service(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1)
+    with grpc.insecure_channel(cluster.addresses[0]) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         response = next(stub.ServerReflectionInfo(iter([request]), timeout=5))

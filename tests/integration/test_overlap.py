@@ -14,7 +14,8 @@ from ps_common.errors import InvalidArgument
 from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
 from ps_worker.compression import Compression
-from tests.training import SPLITTING, batches, loss_of, small_model
+from tests.integration.conftest import StartCluster
+from tests.support.training import SPLITTING, batches, loss_of, small_model
 
 WORKERS = 2
 # As over links: the next step's pull goes with the push.
@@ -71,10 +72,11 @@ def _overlapped_sgd(model: torch.nn.Module, client: PSClient) -> DistributedOpti
                                 named_parameters=model.named_parameters(), overlap=True)  # fmt: skip
 
 
-def test_overlap_refuses_gradient_accumulation_with_a_clear_error() -> None:
+def test_overlap_refuses_gradient_accumulation_with_a_clear_error(start_cluster: StartCluster) -> None:
     model = small_model()
     (x, y), = batches(1, batch=4)  # fmt: skip
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
         opt = _overlapped_sgd(model, client)
         loss_of(model, x, y).backward()
         with pytest.raises(InvalidArgument, match="given twice"):
@@ -82,9 +84,10 @@ def test_overlap_refuses_gradient_accumulation_with_a_clear_error() -> None:
         opt.close()
 
 
-def test_close_removes_the_hooks() -> None:
+def test_close_removes_the_hooks(start_cluster: StartCluster) -> None:
     model = small_model()
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
         opt = _overlapped_sgd(model, client)
         opt.close()
         (x, y), = batches(1, batch=4)  # fmt: skip
@@ -126,14 +129,17 @@ def test_with_the_pull_during_the_push_backward_sends_at_most_one_request_before
 
 
 @pytest.mark.parametrize("refused_by", ["worker", "servers"])
-def test_a_refused_push_with_the_pull_during_the_push_raises_at_step_and_training_goes_on(refused_by: str) -> None:
+def test_a_refused_push_with_the_pull_during_the_push_raises_at_step_and_training_goes_on(
+    start_cluster: StartCluster, refused_by: str
+) -> None:
     """The worker refuses a NaN gradient before the pull starts; the servers
     refuse a negative learning rate once the pull has started, which is then
     abandoned. Either way step() raises promptly and no server changes."""
     model, reference = small_model(), small_model()
     data = batches(3, batch=4)
     config = dataclasses.replace(PULL_DURING_PUSH, wait_log_interval=1.0)  # how soon an abandoned pull stops
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, config) as client:
         opt = _overlapped_sgd(model, client)
         before = [s.shard.snapshot() for s in cluster.servers]
         (x, y) = data[0]

@@ -18,28 +18,9 @@ from ps_common.proto import ps_pb2_grpc
 from ps_server.harness import InProcessCluster
 from ps_server.shard import Shard
 from ps_worker import DistributedOptimizer, PSClient
-from tests.training import SPLITTING, batches, loss_of, small_model
-
-
-def _snapshot(shard: Shard) -> dict[str, Any]:
-    """Everything a bad request must not change (rejection and call counts aside)."""
-    optimizer = shard.optimizer
-    return {
-        "job": copy.deepcopy(shard.job),
-        "values": {k: s.value.clone() for k, s in shard.slots.items()},
-        "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
-        "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
-        "clocks": {w.worker_id: w.clock for w in shard.stats().workers},
-        "counters": {k: v for k, v in shard.counters.items() if not k.startswith(("rejected_", "calls_"))},
-    }
-
-
-def _assert_same(a: dict[str, Any], b: dict[str, Any]) -> None:
-    assert a["job"] == b["job"] and a["versions"] == b["versions"] and a["clocks"] == b["clocks"]
-    assert a["counters"] == b["counters"]
-    assert a["values"].keys() == b["values"].keys()
-    assert all(torch.equal(a["values"][k], b["values"][k]) for k in a["values"])
-    torch.testing.assert_close(a["optimizer"], b["optimizer"], rtol=0, atol=0)
+from tests.integration.conftest import StartCluster
+from tests.support.shard_state import assert_same, snapshot
+from tests.support.training import SPLITTING, batches, loss_of, small_model
 
 
 @pytest.fixture
@@ -141,32 +122,32 @@ BAD_PUSHES: dict[str, tuple[Callable[[pb.KeySpec], list[pb.TensorChunk]], dict[s
 def test_bad_push_is_refused_and_changes_nothing(trained, case: str) -> None:  # type: ignore[no-untyped-def]
     shard, stub, spec = trained
     make_chunks, kwargs, code, message = BAD_PUSHES[case]
-    before = _snapshot(shard)
+    before = snapshot(shard)
     with pytest.raises(grpc.RpcError) as info:
         _push(stub, make_chunks(spec), **kwargs)
     assert info.value.code() == code
     assert message in info.value.details()
-    _assert_same(before, _snapshot(shard))
+    assert_same(before, snapshot(shard))
 
 
 def test_push_without_header_is_refused(trained) -> None:  # type: ignore[no-untyped-def]
     shard, stub, spec = trained
-    before = _snapshot(shard)
+    before = snapshot(shard)
     with pytest.raises(grpc.RpcError) as info:
         stub.Push(iter([pb.PushRequest(chunks=_grad(spec))]), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "header" in info.value.details()
-    _assert_same(before, _snapshot(shard))
+    assert_same(before, snapshot(shard))
 
 
 @pytest.mark.parametrize("dtype", [pb.FLOAT16, pb.INT8, 99])
 def test_pull_in_an_unsupported_dtype_is_refused(trained, dtype: int) -> None:  # type: ignore[no-untyped-def]
     shard, stub, _ = trained
-    before = _snapshot(shard)
+    before = snapshot(shard)
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Pull(pb.PullRequest(worker_id=0, step=2, dtype=dtype), timeout=10))  # type: ignore[arg-type]
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "pull dtype must be DTYPE_UNSPECIFIED (as stored) or BFLOAT16" in info.value.details()
-    _assert_same(before, _snapshot(shard))
+    assert_same(before, snapshot(shard))
 
 
 def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[pb.InitRequest]:
@@ -178,7 +159,7 @@ def _init_request(job: pb.JobSpec, values: dict[str, torch.Tensor]) -> Iterator[
 
 def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> None:  # type: ignore[no-untyped-def]
     shard, stub, _ = trained
-    before = _snapshot(shard)
+    before = snapshot(shard)
     reshaped = copy.deepcopy(shard.job)
     reshaped.keys[0].shape[0] += 1
     if reshaped.keys[0].parts:  # fused: its parameters' sizes add up to its own
@@ -191,19 +172,20 @@ def test_second_init_with_a_different_shape_or_optimizer_is_refused(trained) -> 
             stub.Init(_init_request(job, values), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "already initialized with a different job" in info.value.details()
-    _assert_same(before, _snapshot(shard))
+    assert_same(before, snapshot(shard))
 
 
 def test_identical_second_init_keeps_the_trained_values(trained) -> None:  # type: ignore[no-untyped-def]
     shard, stub, _ = trained
-    before = _snapshot(shard)
+    before = snapshot(shard)
     values = {k.key: torch.zeros(k.shape[0]) for k in shard.job.keys}
     assert stub.Init(_init_request(shard.job, values), timeout=10).already_initialized
-    _assert_same(before, _snapshot(shard))
+    assert_same(before, snapshot(shard))
 
 
-def test_requests_before_init_fail_with_failed_precondition() -> None:
-    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+def test_requests_before_init_fail_with_failed_precondition(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1)
+    with grpc.insecure_channel(cluster.addresses[0]) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         spec = pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[3])
         for call in (lambda: _push(stub, _grad(spec)), lambda: list(stub.Pull(pb.PullRequest(), timeout=5))):
@@ -223,14 +205,17 @@ def test_requests_before_init_fail_with_failed_precondition() -> None:
         (lambda j: j.keys[0].parts.add(tensor="a", tensor_shape=[2]), "do not add up"),
     ],
 )
-def test_invalid_job_is_refused_and_leaves_the_server_uninitialized(job_change, message) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_job_is_refused_and_leaves_the_server_uninitialized(
+    start_cluster: StartCluster, job_change, message
+) -> None:  # type: ignore[no-untyped-def]
     job = pb.JobSpec(
         mode=pb.BSP, num_workers=1,
         optimizer=pb.OptimizerSpec(name="Adam", groups=[codec.options_to_proto({"lr": 0.1})]),
         keys=[pb.KeySpec(key="w", dtype=pb.FLOAT32, shape=[3])],
     )  # fmt: skip
     job_change(job)
-    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+    cluster = start_cluster(num_servers=1)
+    with grpc.insecure_channel(cluster.addresses[0]) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Init(_init_request(job, {"w": torch.zeros(3)}), timeout=10)
@@ -239,26 +224,25 @@ def test_invalid_job_is_refused_and_leaves_the_server_uninitialized(job_change, 
         assert cluster.servers[0].shard.job is None
 
 
-def test_client_of_another_protocol_version_is_refused_at_handshake() -> None:
-    with InProcessCluster(num_servers=1) as cluster, grpc.insecure_channel(cluster.addresses[0]) as channel:
+def test_client_of_another_protocol_version_is_refused_at_handshake(start_cluster: StartCluster) -> None:
+    cluster = start_cluster(num_servers=1)
+    with grpc.insecure_channel(cluster.addresses[0]) as channel:
         stub = ps_pb2_grpc.ParameterServerStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Hello(pb.HelloRequest(protocol_version=PROTOCOL_VERSION + 1, worker_id=0, num_workers=1), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "protocol version" in info.value.details()
 
 
-def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
+def test_worker_with_a_different_optimizer_configuration_is_told_so(start_cluster: StartCluster) -> None:
     from ps_common.errors import FailedPrecondition
 
-    with InProcessCluster(num_servers=2) as cluster:
-        a, b = small_model(), small_model()
-        with PSClient(cluster.addresses, 0, 2) as first, PSClient(cluster.addresses, 1, 2) as second:
-            DistributedOptimizer(
-                torch.optim.Adam(a.parameters(), lr=1e-3), first, named_parameters=a.named_parameters()
-            )
-            with pytest.raises(FailedPrecondition, match="different job"):
-                DistributedOptimizer(torch.optim.Adam(b.parameters(), lr=1e-2), second,
-                                     named_parameters=b.named_parameters())  # fmt: skip
+    cluster = start_cluster(num_servers=2)
+    a, b = small_model(), small_model()
+    with PSClient(cluster.addresses, 0, 2) as first, PSClient(cluster.addresses, 1, 2) as second:
+        DistributedOptimizer(torch.optim.Adam(a.parameters(), lr=1e-3), first, named_parameters=a.named_parameters())
+        with pytest.raises(FailedPrecondition, match="different job"):
+            DistributedOptimizer(torch.optim.Adam(b.parameters(), lr=1e-2), second,
+                                 named_parameters=b.named_parameters())  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -270,9 +254,12 @@ def test_worker_with_a_different_optimizer_configuration_is_told_so() -> None:
     ],
     ids=["missing", "unknown", "wrong-size"],
 )
-def test_a_pull_into_the_wrong_tensors_is_refused_before_anything_is_read(change, message) -> None:  # type: ignore[no-untyped-def]
+def test_a_pull_into_the_wrong_tensors_is_refused_before_anything_is_read(
+    start_cluster: StartCluster, change, message
+) -> None:  # type: ignore[no-untyped-def]
     model = small_model()
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1) as client:
         DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters()
         )
@@ -285,13 +272,16 @@ def test_a_pull_into_the_wrong_tensors_is_refused_before_anything_is_read(change
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-def test_a_nan_gradient_changes_no_server_though_its_push_spans_requests_and_servers(overlap: bool) -> None:
+def test_a_nan_gradient_changes_no_server_though_its_push_spans_requests_and_servers(
+    start_cluster: StartCluster, overlap: bool
+) -> None:
     model = small_model()
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, SPLITTING) as client:
         opt = DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), client,
                                    named_parameters=model.named_parameters(), overlap=overlap)  # fmt: skip
         shards = [server.shard for server in cluster.servers]
-        before = [_snapshot(shard) for shard in shards]
+        before = [snapshot(shard) for shard in shards]
         (x, y), = batches(1, batch=4)  # fmt: skip
         poison = model[0].weight.register_hook(lambda grad: grad.index_fill(0, torch.tensor([0]), float("nan")))
         opt.zero_grad()
@@ -299,7 +289,7 @@ def test_a_nan_gradient_changes_no_server_though_its_push_spans_requests_and_ser
         with pytest.raises(InvalidArgument, match=r"gradient of '0.weight' contains NaN or Inf; nothing of"):
             opt.step()
         for shard, earlier in zip(shards, before, strict=True):
-            _assert_same(earlier, _snapshot(shard))
+            assert_same(earlier, snapshot(shard))
         poison.remove()
         opt.zero_grad()
         loss_of(model, x, y).backward()

@@ -16,7 +16,7 @@ import torch
 
 from ps_worker import DistributedOptimizer, PSClient
 from ps_worker.export import ExportedModel
-from tests.training import batches, loss_of, small_model
+from tests.support.training import batches, loss_of, small_model
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from tests.processes import free_port
+from tests.support.processes import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 
 from ps_server.config import ServerConfig
-from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
+from tests.integration.conftest import StartCluster
 
 TIMEOUT = 1.0
 SERVER = dataclasses.replace(ServerConfig(), worker_timeout=TIMEOUT)
@@ -29,10 +29,11 @@ def _step(model: torch.nn.Linear, opt: DistributedOptimizer, grad: float) -> Non
     opt.step()
 
 
-def test_bsp_completes_without_a_vanished_worker_and_takes_it_back() -> None:
+def test_bsp_completes_without_a_vanished_worker_and_takes_it_back(start_cluster: StartCluster) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    with InProcessCluster(num_servers=2, config=SERVER) as cluster, ThreadPoolExecutor(3) as pool:
+    cluster = start_cluster(num_servers=2, config=SERVER)
+    with ThreadPoolExecutor(3) as pool:
         workers = [_worker(cluster.addresses, r) for r in range(3)]
         for _ in range(3):  # everyone: gradients 1, 2, 3 average to 2
             list(pool.map(lambda r: _step(workers[r][0], workers[r][2], float(r + 1)), range(3)))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ps_server.harness import InProcessCluster
-from tests.training import batches, max_difference, small_model, train_distributed, train_local
+from tests.support.training import batches, max_difference, small_model, train_distributed, train_local
 
 pytestmark = [
     pytest.mark.gpu,

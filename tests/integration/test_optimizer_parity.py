@@ -11,7 +11,7 @@ from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_server.harness import InProcessCluster
 from ps_server.optimizer import ShardOptimizer
-from tests.training import batches, max_difference, small_model, train_distributed, train_local
+from tests.support.training import batches, max_difference, small_model, train_distributed, train_local
 
 OPTIMIZERS: dict[str, Callable[[torch.nn.Module], torch.optim.Optimizer]] = {
     "sgd-momentum-dampening-wd": lambda m: torch.optim.SGD(

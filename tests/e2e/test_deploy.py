@@ -20,9 +20,9 @@ from ps_common.config import env_names, parse_config
 from ps_server.config import ServerConfig
 from ps_worker.ctl import CtlConfig
 from ps_worker.demo.config import WorkerConfig
-from tests.processes import free_port, worker_result
+from tests.support.processes import free_port, worker_result
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIGS = {"ps-server": ServerConfig, "ps-worker": WorkerConfig, "ps-ctl": CtlConfig}
 KUBERNETES_VERSION = "1.30.0"

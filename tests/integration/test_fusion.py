@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ps_common.errors import InvalidArgument
-from ps_server.harness import InProcessCluster
 from ps_worker import ClientConfig, DistributedOptimizer, PSClient
-from tests.training import batches, loss_of, max_difference, train_local
+from tests.integration.conftest import StartCluster
+from tests.support.training import batches, loss_of, max_difference, train_local
 
 CONFIG = ClientConfig(timeout=30, wait_timeout=60)
 
@@ -36,12 +36,15 @@ def adamw(model: nn.Module) -> torch.optim.Optimizer:
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 @pytest.mark.parametrize("pull_while_pushing", [False, True])
-def test_fused_parameters_train_what_local_torch_optim_trains(overlap: bool, pull_while_pushing: bool) -> None:
+def test_fused_parameters_train_what_local_torch_optim_trains(
+    start_cluster: StartCluster, overlap: bool, pull_while_pushing: bool
+) -> None:
     local, remote = layered_model(), layered_model()
     data = batches(40, batch=16)
     train_local(local, adamw(local), data)
     config = dataclasses.replace(CONFIG, pull_while_pushing=pull_while_pushing)
-    with InProcessCluster(num_servers=2) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+    cluster = start_cluster(num_servers=2)
+    with PSClient(cluster.addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters(), overlap=overlap)
         train_local(remote, opt, data)
         opt.synchronize()
@@ -56,7 +59,9 @@ def test_fused_parameters_train_what_local_torch_optim_trains(overlap: bool, pul
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-def test_two_bsp_workers_on_fused_keys_equal_one_process_on_the_whole_batch(overlap: bool) -> None:
+def test_two_bsp_workers_on_fused_keys_equal_one_process_on_the_whole_batch(
+    start_cluster: StartCluster, overlap: bool
+) -> None:
     data = batches(30, batch=16)
     oracle = layered_model()
     train_local(oracle, adamw(oracle), data)
@@ -71,7 +76,8 @@ def test_two_bsp_workers_on_fused_keys_equal_one_process_on_the_whole_batch(over
             opt.pull_final()
             opt.close()
 
-    with InProcessCluster(num_servers=2) as cluster, ThreadPoolExecutor(2) as pool:
+    cluster = start_cluster(num_servers=2)
+    with ThreadPoolExecutor(2) as pool:
         for job in [pool.submit(work, rank) for rank in range(2)]:
             job.result(timeout=120)
     for replica in replicas:
@@ -84,11 +90,14 @@ def _with_unused(model: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
-def test_a_step_without_gradients_for_some_of_a_keys_parameters_is_refused(overlap: bool) -> None:
+def test_a_step_without_gradients_for_some_of_a_keys_parameters_is_refused(
+    start_cluster: StartCluster, overlap: bool
+) -> None:
     model = _with_unused(layered_model())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     x, y = batches(1, batch=8)[0]
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(adamw(model), client, named_parameters=model.named_parameters(), overlap=overlap)
         assert any(p.fused and "3.unused" in p.names for p in client.layout.pieces[0])
         loss_of(model, x, y).backward()
@@ -101,12 +110,13 @@ def test_a_step_without_gradients_for_some_of_a_keys_parameters_is_refused(overl
         assert torch.equal(stored[name], tensor), name  # the servers applied nothing
 
 
-def test_without_fusion_a_parameter_without_gradient_is_left_alone_like_torch_does() -> None:
+def test_without_fusion_a_parameter_without_gradient_is_left_alone_like_torch_does(start_cluster: StartCluster) -> None:
     local, remote = _with_unused(layered_model()), _with_unused(layered_model())
     data = batches(10, batch=8)
     train_local(local, adamw(local), data)
     config = dataclasses.replace(CONFIG, fuse_below_bytes=0)
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, config) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, config) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
         assert not any(p.fused for p in client.layout.pieces[0])
         train_local(remote, opt, data)
@@ -114,13 +124,14 @@ def test_without_fusion_a_parameter_without_gradient_is_left_alone_like_torch_do
     assert max_difference(local, remote) <= 1e-6
 
 
-def test_a_frozen_parameter_keeps_a_key_of_its_own_and_its_value() -> None:
+def test_a_frozen_parameter_keeps_a_key_of_its_own_and_its_value(start_cluster: StartCluster) -> None:
     local, remote = layered_model(), layered_model()
     for model in (local, remote):
         model[1].weight.requires_grad_(False)  # in the optimizer, never with a gradient
     data = batches(10, batch=8)
     train_local(local, adamw(local), data)
-    with InProcessCluster(num_servers=1) as cluster, PSClient(cluster.addresses, 0, 1, CONFIG) as client:
+    cluster = start_cluster(num_servers=1)
+    with PSClient(cluster.addresses, 0, 1, CONFIG) as client:
         opt = DistributedOptimizer(adamw(remote), client, named_parameters=remote.named_parameters())
         assert [p.fused for p in client.layout.pieces_of["1.weight"]] == [False]
         assert any(p.fused for p in client.layout.pieces[0])
