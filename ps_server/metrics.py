@@ -8,7 +8,7 @@ pays nothing for them; the two histograms are observed as updates happen.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -38,6 +38,21 @@ class ServerMetrics(Metrics):
     def watch(self, shard: Shard) -> None:
         self.registry.register(_ShardCollector(shard))
 
+    def watch_data_channel(self, calls: Callable[[], Mapping[str, int]]) -> None:
+        """Export `calls()`, the data channel's calls by socket kind."""
+        self.registry.register(_CallsCollector(calls))
+
+
+class _CallsCollector(Collector):
+    def __init__(self, calls: Callable[[], Mapping[str, int]]) -> None:
+        self._calls = calls
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("ps_data_channel_calls", "Calls served on the data channel", labels=["socket"])
+        for socket, count in sorted(self._calls().items()):
+            family.add_metric([socket], count)
+        yield family
+
 
 class _ShardCollector(Collector):
     def __init__(self, shard: Shard) -> None:
@@ -61,10 +76,6 @@ class _ShardCollector(Collector):
             if name.startswith("rejected_"):
                 rejected.add_metric([name.removeprefix("rejected_")], value)
         yield rejected
-        calls = CounterMetricFamily("ps_data_channel_calls", "Calls served on the data channel", labels=["socket"])
-        for socket, counter in (("tcp", "calls_tcp"), ("unix", "calls_unix_socket")):
-            calls.add_metric([socket], counters.get(counter, 0))
-        yield calls
         yield GaugeMetricFamily(
             "ps_shard_version", "Lowest update count over the shard's keys", value=snapshot["version"]
         )

@@ -70,6 +70,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         data_server = SocketServer(service, config.host, config.data_port, 16 * config.threads, security)
         data_server.start()
         service.data_port, service.data_socket = data_server.port, data_server.socket_name
+        metrics.watch_data_channel(data_server.calls)
     metrics_port = None if config.metrics_port is None else metrics.serve(config.metrics_port, config.host)
     if checkpointer is not None:
         checkpointer.start()

@@ -71,6 +71,7 @@ class SocketServer:
         self._local_listener, self.socket_name = _local_listener()
         self._connections: set[socket.socket] = set()
         self._busy = 0  # connections in the middle of a call
+        self._calls = {"tcp": 0, "unix": 0}  # calls served by socket kind (the metrics read it)
         self._lock = threading.Condition()
         self._stopped = False
         listeners = [self._listener] if self._local_listener is None else [self._listener, self._local_listener]
@@ -78,6 +79,11 @@ class SocketServer:
             threading.Thread(target=self._accept, args=(listener,), name="ps-data-accept", daemon=True)
             for listener in listeners
         ]
+
+    def calls(self) -> dict[str, int]:
+        """Calls served so far, by socket: "tcp" and "unix"."""
+        with self._lock:
+            return dict(self._calls)
 
     def start(self) -> None:
         for acceptor in self._acceptors:
@@ -175,7 +181,7 @@ class SocketServer:
                 self._answer_error(sock, Unavailable("the server is shutting down"))
                 return False
             self._busy += 1
-        self._service.shard.count("calls_unix_socket" if sock.family == socket.AF_UNIX else "calls_tcp", 1)
+            self._calls["unix" if sock.family == socket.AF_UNIX else "tcp"] += 1
         limit = header.timeout if header.timeout > 0 else _NO_DEADLINE_LIMIT
         sock.settimeout(limit)
         try:

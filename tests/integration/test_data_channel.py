@@ -62,8 +62,9 @@ def _port(server: RunningServer) -> int:
 
 def _calls(server: RunningServer) -> tuple[int, int]:
     """The calls the server's data channel took over TCP and over its Unix socket."""
-    counters = server.shard.counters
-    return counters["calls_tcp"], counters["calls_unix_socket"]
+    assert server.data_server is not None
+    calls = server.data_server.calls()
+    return calls["tcp"], calls["unix"]
 
 
 def _unchanged(before: dict, server: RunningServer) -> None:  # type: ignore[type-arg]

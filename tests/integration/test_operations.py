@@ -67,6 +67,10 @@ def test_server_metrics_follow_prometheus_conventions() -> None:
     # The worker runs on the servers' host: its BSP pulls read the shared weights.
     shared = re.search(r"^ps_shared_bytes_total (\S+)$", metrics, re.MULTILINE)
     assert shared is not None and float(shared.group(1)) > 0
+    # ...through its Unix socket, and nothing came by TCP.
+    unix = re.search(r'^ps_data_channel_calls_total\{socket="unix"\} (\S+)$', metrics, re.MULTILINE)
+    assert unix is not None and float(unix.group(1)) > 0
+    assert 'ps_data_channel_calls_total{socket="tcp"} 0.0' in metrics
 
 
 def test_worker_metrics_are_served() -> None:

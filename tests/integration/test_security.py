@@ -110,5 +110,5 @@ def test_insecure_server_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixt
 
 
 def _data_channel_calls(server: RunningServer) -> int:
-    counters = server.shard.counters
-    return counters["calls_tcp"] + counters["calls_unix_socket"]
+    assert server.data_server is not None
+    return sum(server.data_server.calls().values())

@@ -11,7 +11,7 @@ from ps_server.shard import Shard
 
 
 def snapshot(shard: Shard) -> dict[str, Any]:
-    """Everything a bad request must not change (rejection and call counts aside)."""
+    """Everything a bad request must not change (rejection counts aside)."""
     optimizer = shard.optimizer
     return {
         "job": copy.deepcopy(shard.job),
@@ -19,7 +19,7 @@ def snapshot(shard: Shard) -> dict[str, Any]:
         "versions": {k: (s.version, s.contributors, dict(s.last_push)) for k, s in shard.slots.items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()) if optimizer else None,
         "clocks": {w.worker_id: w.clock for w in shard.stats().workers},
-        "counters": {k: v for k, v in shard.counters.items() if not k.startswith(("rejected_", "calls_"))},
+        "counters": {k: v for k, v in shard.counters.items() if not k.startswith("rejected_")},
     }
 
 
