@@ -1,4 +1,4 @@
-"""Parameter servers: gRPC services that hold shards of a model and apply
+"""Parameter servers: processes that hold shards of a model and apply
 torch.optim updates to them. Run one process per shard with `ps-server`;
 tests use `ps_server.harness.InProcessCluster`."""
 

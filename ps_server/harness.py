@@ -3,7 +3,7 @@
     with InProcessCluster(num_servers=3) as cluster:
         client = PSClient(cluster.addresses, worker_id=0, num_workers=1)
 
-The servers are real gRPC servers on free loopback ports; workers connect to
+The servers are real servers on free loopback ports; workers connect to
 them exactly as they would to remote ones. Leaving the block stops them and
 frees their ports and threads. With `config.checkpoint_dir`, server i keeps
 its checkpoints in `<checkpoint_dir>/server-<i>`, so a new cluster on the

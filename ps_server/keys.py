@@ -57,6 +57,35 @@ class Slot:
         self.mask = self.value.abs() > threshold
         self.value.mul_(self.mask)
 
+    def push_layout(self, chunk: codec.ChunkLike) -> tuple[torch.Size, torch.dtype]:
+        """The shape and dtype a pushed chunk of this key fills: the key's
+        shape, and its dtype or (compressed gradients) a half-precision one;
+        raises for any other."""
+        half = codec.dtype_from_proto(chunk.dtype) if chunk.dtype in WIRE_HALVES else None
+        if half is not None and codec.wire_dtype(self.value.dtype, half) == half:
+            check_matches(self.spec, chunk, dtype=chunk.dtype)
+            return self.value.shape, half
+        check_matches(self.spec, chunk)
+        return self.value.shape, self.value.dtype
+
+    def cast_as(self, value: torch.Tensor, version: int, travels: torch.dtype) -> torch.Tensor:
+        """`value` (this key's weights as of update `version`) cast to
+        `travels`: into the copy the key keeps, cast once per update, where
+        `version` is the key's latest; else a cast of its own. The caller
+        holds a lock for it: one cast per update, whoever asks first."""
+        cast = self.cast if self.cast is not None and self.cast.dtype == travels else None
+        if cast is not None and self.cast_version == version:
+            return cast
+        if version != self.version:
+            return value.to(travels)
+        if cast is None:
+            cast = self.cast = torch.empty(value.shape, dtype=travels)
+        # In place: in BSP nobody reads the last update's cast once a new one is
+        # there, as nobody reads the last update's weights (Shard.values_hold_still).
+        cast.copy_(value)
+        self.cast_version = version
+        return cast
+
     @property
     def nbytes(self) -> int:
         return self.value.numel() * self.value.element_size()

@@ -11,7 +11,6 @@ so a refused request leaves weights, optimizer state and counters as they were.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -21,32 +20,14 @@ from typing import Any
 import torch
 
 from ps_common import assembly, codec
-from ps_common.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-    WaitTimeout,
-)
+from ps_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
-from ps_server import consistency
+from ps_server import consistency, keys
 from ps_server.buffers import BufferPool
-from ps_server.keys import (
-    WIRE_HALVES,
-    Gradient,
-    PulledKey,
-    Slot,
-    check_matches,
-    check_thresholds,
-    describe_difference,
-    gradient_bytes,
-    updates_taken,
-    validate_job,
-)
+from ps_server.keys import Gradient, PulledKey, Slot, updates_taken
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
-from ps_server.shared_weights import SharedWeights
+from ps_server.shared_weights import SharedWeights, WeightMemory
 from ps_server.snapshots import read_state, state_of, stats_of
 from ps_server.storage import ShardState
 from ps_server.updates import CheckedPush, Updater
@@ -80,8 +61,7 @@ class Shard:
         self._pulled_version: dict[tuple[int, str], int] = {}  # for the staleness of ASP/SSP pushes
         self.counters: Counter[str] = Counter()
         self.buffers = BufferPool()  # pushed gradients, their fp32 casts, ASP pull copies (handler.py)
-        self.shared: SharedWeights | None = None  # where the weights live, on Linux
-        self._receiving: SharedWeights | None = None  # where the latest Init stream writes its values
+        self.memory = WeightMemory()  # where the weights live
 
     # -- handshake and initialization ------------------------------------------------
 
@@ -106,48 +86,35 @@ class Shard:
 
     def init_allocator(self, job: pb.JobSpec) -> assembly.Allocator:
         """Allocator for an Init stream: a chunk must match its KeySpec."""
-        validate_job(job)  # before any chunk is taken in
+        keys.validate_job(job)  # before any chunk is taken in
         specs = {k.key: k for k in job.keys}
 
-        # Values are received straight into shared memory where there is some:
-        # a copy afterwards holds the weights twice for a moment, and what it
-        # frees may stay in the receiving thread's malloc arena, unused by the
-        # threads that allocate later.
-        views: dict[str, torch.Tensor] = {}
-        if SharedWeights.supported():
-            layout = [(math.prod(k.shape), codec.dtype_from_proto(k.dtype)) for k in job.keys]
-            try:
-                shared = SharedWeights(layout)
-            except (OSError, OverflowError) as exc:
-                size = sum(numel * dtype.itemsize for numel, dtype in layout)
-                raise ResourceExhausted(f"the job's {size} bytes of weights cannot be mapped: {exc}") from None
-            views = {k.key: view for k, view in zip(job.keys, shared.views, strict=True)}
-            with self._cond:
-                self._receiving = shared  # init() adopts it if it holds the values
+        with self._cond:
+            views = self.memory.receive(job)  # init() adopts it if it holds the values
 
         def allocate(chunk: codec.ChunkLike) -> torch.Tensor:
             spec = specs.get(chunk.key)
             if spec is None:
                 raise InvalidArgument(f"Init sends key {chunk.key!r} that its job does not declare")
-            check_matches(spec, chunk)
+            keys.check_matches(spec, chunk)
             return views[chunk.key] if chunk.key in views else assembly.new_tensor_for(chunk)
 
         return allocate
 
     def init(self, job: pb.JobSpec, values: dict[str, torch.Tensor]) -> bool:
         """Install the job and initial values; True if an identical job was already there."""
-        validate_job(job)
+        keys.validate_job(job)
         missing = [k.key for k in job.keys if k.key not in values]
         if missing:
             raise InvalidArgument(f"Init carries no initial value for keys {missing}")
         with self._cond:
             if self.job is not None:
-                self._receiving = None  # a repeated Init's values are not kept
+                self.memory.drop_received()
                 if self.job == job:
                     return True
                 raise FailedPrecondition(
                     "this server was already initialized with a different job "
-                    f"({describe_difference(self.job, job)}); restart the servers to start a new job"
+                    f"({keys.describe_difference(self.job, job)}); restart the servers to start a new job"
                 )
             slots = {k.key: Slot(spec=k, value=values[k.key]) for k in job.keys}
             self._share(slots)
@@ -165,21 +132,16 @@ class Shard:
             return False
 
     def _share(self, slots: dict[str, Slot]) -> None:
-        """Put the weights in shared memory (ps_server.shared_weights), before
-        the optimizer is built on them: where an Init received them, else a copy."""
-        if not SharedWeights.supported():
-            return
-        values = [slot.value for slot in slots.values()]
-        received, self._receiving = self._receiving, None
-        if received is not None and received.holds(values):
-            shared = received
-        else:
-            shared = SharedWeights.holding(values)
-            for slot, view in zip(slots.values(), shared.views, strict=True):
-                slot.value = view
-        if self.shared is not None:
-            self.shared.close()
-        self.shared = shared
+        """Put the weights in shared memory (ps_server.shared_weights)."""
+        copies = self.memory.adopt(slot.value for slot in slots.values())
+        if copies is not None:
+            for slot, copy in zip(slots.values(), copies, strict=True):
+                slot.value = copy
+
+    @property
+    def shared(self) -> SharedWeights | None:
+        """The shared weights, on Linux once initialized."""
+        return self.memory.current
 
     def _new_updater(self, job: pb.JobSpec, slots: dict[str, Slot]) -> Updater:
         values = [s.value for s in slots.values()]
@@ -199,13 +161,7 @@ class Shard:
         """The shape and dtype a pushed key's chunks fill: only known keys,
         with their shape, and their dtype or (compressed gradients) a
         half-precision one; raises for any other."""
-        slot = self._slot(chunk.key)
-        half = codec.dtype_from_proto(chunk.dtype) if chunk.dtype in WIRE_HALVES else None
-        if half is not None and codec.wire_dtype(slot.value.dtype, half) == half:
-            check_matches(slot.spec, chunk, dtype=chunk.dtype)
-            return slot.value.shape, half
-        check_matches(slot.spec, chunk)
-        return slot.value.shape, slot.value.dtype
+        return self._slot(chunk.key).push_layout(chunk)
 
     def push(
         self,
@@ -237,7 +193,7 @@ class Shard:
                 raise InvalidArgument(f"step {step} is negative")
             options = updater.optimizer.check_options(groups) if groups else None
             if thresholds:
-                check_thresholds(job, worker_id, self.slots.values(), thresholds)
+                keys.check_thresholds(job, worker_id, self.slots.values(), thresholds)
             consistency.check_ssp_bound(job, worker_id, step, self._clocks())
             fresh = consistency.fresh_keys(job, worker_id, step, [self._slot(key) for key in [*grads, *absent]])
             self._seen(worker_id)
@@ -253,7 +209,7 @@ class Shard:
             duplicates = len(grads) + len(absent) - len(fresh)
             self.counters["pushes"] += 1
             self.counters["duplicate_keys"] += duplicates
-            self.counters["bytes_in"] += sum(gradient_bytes(g) for k, g in grads.items() if k in fresh)
+            self.counters["bytes_in"] += sum(keys.gradient_bytes(g) for k, g in grads.items() if k in fresh)
             self._cond.notify_all()
             return len(fresh), duplicates
 
@@ -389,18 +345,7 @@ class Shard:
             return item.value
         slot = self._slot(item.key)
         with self._casting:
-            cast = slot.cast if slot.cast is not None and slot.cast.dtype == travels else None
-            if cast is not None and slot.cast_version == item.version:
-                return cast
-            if item.version != slot.version:
-                return item.value.to(travels)
-            if cast is None:
-                cast = slot.cast = torch.empty(item.value.shape, dtype=travels)
-            # In place: in BSP nobody reads the last update's cast once a new one is
-            # there, as nobody reads the last update's weights (values_hold_still).
-            cast.copy_(item.value)
-            slot.cast_version = item.version
-            return cast
+            return slot.cast_as(item.value, item.version, travels)
 
     def reading(self) -> threading.Condition:
         """Hold this while reading pulled values: no update runs meanwhile."""
@@ -461,9 +406,7 @@ class Shard:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            for shared in (self.shared, self._receiving):
-                if shared is not None:
-                    shared.close()
+            self.memory.close()
 
     def _require_job(self) -> tuple[pb.JobSpec, Updater]:
         if self.job is None or self._updater is None:

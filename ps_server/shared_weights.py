@@ -16,11 +16,19 @@ send bytes.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import sys
+from collections.abc import Iterable
 
 import torch
+
+from ps_common import codec
+from ps_common.errors import ResourceExhausted
+from ps_common.proto import ps_pb2 as pb
+
+__all__ = ["SharedWeights", "WeightMemory"]
 
 _ALIGN = 64  # a cache line: every tensor starts on one
 
@@ -78,3 +86,59 @@ class SharedWeights:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class WeightMemory:
+    """Where a shard's weights live: on Linux, one SharedWeights block
+    (`current`), and the block the latest Init stream is received into
+    (`receiving`), adopted if it ends up holding the job's values. The
+    shard calls it under its lock."""
+
+    def __init__(self) -> None:
+        self.current: SharedWeights | None = None
+        self.receiving: SharedWeights | None = None
+
+    def receive(self, job: pb.JobSpec) -> dict[str, torch.Tensor]:
+        """Flat tensors, by key, for an Init stream to write `job`'s values
+        into (none where there is no shared memory). Receiving straight into
+        shared memory spares a copy afterwards, which would hold the weights
+        twice for a moment and leave what it frees in the receiving thread's
+        malloc arena, unused by the threads that allocate later."""
+        if not SharedWeights.supported():
+            return {}
+        layout = [(math.prod(k.shape), codec.dtype_from_proto(k.dtype)) for k in job.keys]
+        try:
+            shared = SharedWeights(layout)
+        except (OSError, OverflowError) as exc:
+            size = sum(numel * dtype.itemsize for numel, dtype in layout)
+            raise ResourceExhausted(f"the job's {size} bytes of weights cannot be mapped: {exc}") from None
+        self.receiving = shared
+        return {k.key: view for k, view in zip(job.keys, shared.views, strict=True)}
+
+    def drop_received(self) -> None:
+        """A repeated Init's values are not kept."""
+        self.receiving = None
+
+    def adopt(self, values: Iterable[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Make `values` the shared weights, before an optimizer is built on
+        them: where an Init received them, as they are (None); else copied,
+        and the copies returned to take their place."""
+        if not SharedWeights.supported():
+            return None
+        values = list(values)
+        received, self.receiving = self.receiving, None
+        copies = None
+        if received is not None and received.holds(values):
+            shared = received
+        else:
+            shared = SharedWeights.holding(values)
+            copies = shared.views
+        if self.current is not None:
+            self.current.close()
+        self.current = shared
+        return copies
+
+    def close(self) -> None:
+        for shared in (self.current, self.receiving):
+            if shared is not None:
+                shared.close()

@@ -238,8 +238,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         pulling = self._pulling
         if pulling is None:
             return
-        for param in module._parameters.values():
-            event = None if param is None else self._arrived.get(id(param))
+        for param in module.parameters(recurse=False):
+            event = self._arrived.get(id(param))
             while event is not None and not event.wait(1.0):
                 if pulling.done():
                     self.synchronize()  # raises the pull's error, if it failed

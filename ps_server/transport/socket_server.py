@@ -1,5 +1,5 @@
 """The socket transport of the server, the data channel (ps_common.data_channel):
-every method of the same ParameterService as on gRPC, on a TCP port of its
+every method of the same ParameterService as the other transport, on a TCP port of its
 own (with the same TLS and token), so both transports share every check,
 status and counter. A PSError becomes the answer's status here and nowhere
 else.
@@ -12,7 +12,7 @@ or softirq work), and on a machine whose cores the workers and servers
 share, CPU is what a step waits for.
 
 One thread per connection: a worker keeps one connection per concurrent
-call, and a waiting pull holds its thread, as it holds a gRPC handler thread.
+call, and a waiting pull holds its thread.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ class SocketServer:
             "Checkpoint": (service.checkpoint, wire.lenient(pb.CheckpointRequest)),
         }
         self._max_connections = max_connections
-        host = host.strip("[]")  # "[::]" as gRPC writes it
+        host = host.strip("[]")  # "[::]", as --host may write it
         ipv6 = ":" in host
         self._listener = socket.create_server(
             (host, port),
             family=socket.AF_INET6 if ipv6 else socket.AF_INET,
-            dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),  # like gRPC on [::]
+            dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),  # both families on [::]
         )
         self.port: int = self._listener.getsockname()[1]
         self._local_listener, self.socket_name = _local_listener()
@@ -229,7 +229,7 @@ class SocketServer:
             return False
         except (data_channel.Closed, OSError):
             raise  # the connection is gone: nothing to answer
-        except Exception as exc:  # a bug: answer as gRPC would, and keep serving others
+        except Exception as exc:  # a bug: answer UNKNOWN, and keep serving others
             log.exception("data channel %s failed", header.method)
             error = PSError(f"{type(exc).__name__}: {exc}")
             self._answer_error(sock, error)

@@ -290,7 +290,7 @@ def test_init_receives_the_values_straight_into_the_shared_weights() -> None:
     assert all(shard.slots[k].value is values[k] for k in values)  # adopted, not copied
     again = shard.init_allocator(job)  # a repeated Init: received, then dropped
     assert shard.init(job, {k: again(codec.Chunk(key=k, dtype=pb.FLOAT32, shape=[3])) for k in values})
-    assert shard._receiving is None and all(shard.slots[k].value is values[k] for k in values)
+    assert shard.memory.receiving is None and all(shard.slots[k].value is values[k] for k in values)
     shard.close()
 
 
@@ -301,7 +301,7 @@ def test_a_job_too_large_to_map_is_refused_before_any_value_arrives() -> None:
     shard = Shard()
     with pytest.raises(ResourceExhausted, match="cannot be mapped"):
         shard.init_allocator(job)
-    assert shard.job is None and shard.shared is None and shard._receiving is None
+    assert shard.job is None and shard.shared is None and shard.memory.receiving is None
     shard.close()
 
 
