@@ -25,6 +25,7 @@ from ps_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.client_config import ClientConfig
 from ps_worker.compression import Compression, Compressor, Payload
+from ps_worker.job_spec import group_options, key_spec, torch_optimizer_class
 from ps_worker.layout import Layout, checked, flat, gather, scatter
 from ps_worker.links import pulls_while_pushing, push_request_bytes
 from ps_worker.pruning import PruningConfig
@@ -111,20 +112,7 @@ class PSClient:
         self._pusher = Pusher(self._servers, layout, compressor, self._pusher.request_bytes)
         self._pull_as = compressor.pull_dtype
         self._optimizer = optimizer
-        optimizer_spec = pb.OptimizerSpec(name=type(optimizer).__name__, groups=self._group_options())
-
-        def key_spec(piece: Piece) -> pb.KeySpec:
-            first = params[piece.parts[0].name]
-            spec = pb.KeySpec(
-                key=piece.key, dtype=codec.dtype_to_proto(first.dtype), shape=[piece.numel], group=group_of[id(first)]
-            )
-            if piece.fused:
-                spec.parts.extend(pb.KeyPart(tensor=n, tensor_shape=list(params[n].shape)) for n in piece.names)
-            else:
-                part = piece.parts[0]
-                spec.tensor, spec.offset, spec.prunable = part.name, part.start, part.name in self.prunable
-                spec.tensor_shape.extend(first.shape)
-            return spec
+        optimizer_spec = pb.OptimizerSpec(name=torch_optimizer_class(optimizer).__name__, groups=self._group_options())
 
         jobs = [
             pb.JobSpec(
@@ -134,7 +122,7 @@ class PSClient:
                 scale_lr_by_staleness=scale_lr_by_staleness,
                 optimizer=optimizer_spec,
                 pruning=pruning.to_proto() if pruning else None,
-                keys=[key_spec(p) for p in pieces],
+                keys=[key_spec(p, params, group_of, self.prunable) for p in pieces],
             )
             for pieces in layout.pieces
         ]
@@ -392,9 +380,6 @@ class PSClient:
     # -- helpers --------------------------------------------------------------------
 
     def _group_options(self) -> list[pb.ParamGroup]:
-        """The optimizer's current hyperparameters, only those torch declares as defaults
-        (an LR scheduler's own bookkeeping such as `initial_lr` stays local)."""
         if self._optimizer is None:
             raise FailedPrecondition("call init() before push()")
-        defaults = self._optimizer.defaults
-        return [codec.options_to_proto({k: g[k] for k in defaults if k in g}) for g in self._optimizer.param_groups]
+        return group_options(self._optimizer)

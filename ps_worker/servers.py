@@ -93,7 +93,8 @@ class Servers:
                         f"after {self.config.wait_timeout:.0f}s: {exc}"
                     ) from None
                 if now >= next_log:
-                    log.info(
+                    # WARNING: shown even where the script configured no logging.
+                    log.warning(
                         "worker %d still waiting for %s %s (%.0fs): %s", self.worker_id, address, what, now - start, exc
                     )
                     next_log = now + self.config.wait_log_interval
