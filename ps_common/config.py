@@ -21,7 +21,17 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["Setting", "cli_args", "env_name", "env_names", "flag_name", "parse_config", "setting", "settings_of"]
+__all__ = [
+    "Setting",
+    "cli_args",
+    "config_from_env",
+    "env_name",
+    "env_names",
+    "flag_name",
+    "parse_config",
+    "setting",
+    "settings_of",
+]
 
 ENV_PREFIX = "PS_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -120,13 +130,11 @@ def build_parser(cls: type, description: str, env: Mapping[str, str] | None = No
     )
     for field, hint in _fields(cls):
         kind, choices = _scalar_type(hint)
-        default = field.default
         variable = env_name(field.name)
-        if variable in env:
-            try:
-                default = _parse_bool(env[variable]) if kind is bool else kind(env[variable])
-            except ValueError as exc:
-                parser.error(f"environment variable {variable}={env[variable]!r}: {exc}")
+        try:
+            default = _env_value(field, hint, env)
+        except ValueError as exc:
+            parser.error(str(exc))
         help_text = (
             argparse.SUPPRESS if field.metadata.get("tuning") else f"{field.metadata.get('help', '')} [env {variable}]"
         )
@@ -137,6 +145,29 @@ def build_parser(cls: type, description: str, env: Mapping[str, str] | None = No
         else:
             parser.add_argument(flag_name(field.name), type=kind, choices=choices, default=default, help=help_text)
     return parser
+
+
+def _env_value(field: dataclasses.Field[Any], hint: Any, env: Mapping[str, str]) -> Any:
+    """The field's value from its PS_* variable in `env`, else its default."""
+    variable = env_name(field.name)
+    if variable not in env:
+        return field.default
+    kind, choices = _scalar_type(hint)
+    text = env[variable]
+    try:
+        value = _parse_bool(text) if kind is bool else kind(text)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {variable}={text!r}: {exc}") from None
+    if choices is not None and value not in choices:
+        raise ValueError(f"environment variable {variable}={text!r}: not one of {list(choices)}")
+    return value
+
+
+def config_from_env(cls: type[T], env: Mapping[str, str] | None = None) -> T:
+    """Build `cls` from PS_* environment variables over defaults, as a library
+    does where there is no command line (ValueError for a bad value)."""
+    env = os.environ if env is None else env
+    return _construct(cls, {field.name: _env_value(field, hint, env) for field, hint in _fields(cls)})
 
 
 def _construct(cls: type[T], values: Mapping[str, Any]) -> T:

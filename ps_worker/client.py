@@ -21,10 +21,12 @@ from typing import Literal
 import torch
 
 from ps_common import PROTOCOL_VERSION, codec
+from ps_common.config import config_from_env
 from ps_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.client_config import ClientConfig
 from ps_worker.compression import Compression, Compressor, Payload
+from ps_worker.environment import WorkerPlace
 from ps_worker.job_spec import group_options, key_spec, torch_optimizer_class
 from ps_worker.layout import Layout, checked, flat, gather, scatter
 from ps_worker.links import pulls_while_pushing, push_request_bytes
@@ -41,11 +43,23 @@ _MODES = {"bsp": pb.BSP, "asp": pb.ASP, "ssp": pb.SSP}
 
 
 class PSClient:
-    """Connection of worker `worker_id` (of `num_workers`) to the servers at `addresses`."""
+    """Connection of worker `worker_id` (of `num_workers`) to the servers at
+    `addresses`. Left out, they come from the environment a launcher sets,
+    and so does the config (see `from_env`)."""
 
     def __init__(
-        self, addresses: Sequence[str], worker_id: int, num_workers: int, config: ClientConfig | None = None
+        self,
+        addresses: Sequence[str] | None = None,
+        worker_id: int | None = None,
+        num_workers: int | None = None,
+        config: ClientConfig | None = None,
     ) -> None:
+        if addresses is None or worker_id is None or num_workers is None:
+            place = WorkerPlace.from_env()
+            addresses = place.servers if addresses is None else addresses
+            worker_id = place.worker_id if worker_id is None else worker_id
+            num_workers = place.num_workers if num_workers is None else num_workers
+            config = config_from_env(ClientConfig) if config is None else config
         if not addresses:
             raise ValueError("PSClient needs at least one server address")
         if not 0 <= worker_id < num_workers:
@@ -64,6 +78,15 @@ class PSClient:
         self._pull_as: torch.dtype | None = None  # the half precision weights travel in, if any
         self._optimizer: torch.optim.Optimizer | None = None
         self.prunable: set[str] = set()  # names of the parameters pruning applies to
+
+    @classmethod
+    def from_env(cls, config: ClientConfig | None = None) -> PSClient:
+        """The client the environment describes, as ps-run, the deployment
+        files and torchrun-style launchers set it: the servers from
+        PS_SERVERS, this worker's id from PS_WORKER_ID (or RANK), the worker
+        count from PS_NUM_WORKERS (or WORLD_SIZE), and every ClientConfig
+        field from its PS_* variable unless `config` is given."""
+        return cls(None, None, None, config)
 
     # -- the three verbs ------------------------------------------------------------
 
