@@ -1,7 +1,9 @@
 """The smallest training script on torch-ps: a linear regression on data it
 makes itself, the same program on every worker.
 
-Start the servers, then one copy of this script per worker:
+    ps-run --servers 2 --workers 2 examples/quickstart.py
+
+or by hand: start the servers, then one copy of this script per worker:
 
     ps-server --port 50051 & ps-server --port 50052 &
     PS_SERVERS=127.0.0.1:50051,127.0.0.1:50052 RANK=0 WORLD_SIZE=2 python examples/quickstart.py &
@@ -14,8 +16,6 @@ one process training on whole batches.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ps_worker import DistributedOptimizer, PSClient
@@ -24,15 +24,14 @@ STEPS, BATCH, FEATURES = 200, 64, 16
 
 
 def main() -> None:
-    servers = os.environ.get("PS_SERVERS", "127.0.0.1:50051").split(",")
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
     torch.manual_seed(0)  # the same model and data on every worker
     true_weights = torch.randn(FEATURES, 1)
     model = torch.nn.Linear(FEATURES, 1)
 
-    with PSClient(servers, worker_id=rank, num_workers=world) as client:
-        # The one change to a local training loop: wrap the optimizer.
+    # The two changes to a local training loop: a client of the servers (its
+    # place in the job from the environment), and the optimizer wrapped.
+    with PSClient() as client:
+        rank, world = client.worker_id, client.num_workers
         opt = DistributedOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1), client, named_parameters=model.named_parameters()
         )

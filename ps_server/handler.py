@@ -214,6 +214,11 @@ class ParameterService:
         return pb.CheckpointResponse(path=str(path), version=version)
 
     @_counted
+    def leave(self, request: pb.LeaveRequest | wire.Malformed) -> pb.LeaveResponse:
+        self.shard.leave(_parsed(request).worker_id)
+        return pb.LeaveResponse()
+
+    @_counted
     def stats(self, request: pb.StatsRequest | wire.Malformed) -> pb.StatsResponse:
         _parsed(request)
         return self.shard.stats()

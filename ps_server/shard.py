@@ -30,7 +30,7 @@ from ps_server.optimizer import ShardOptimizer
 from ps_server.shared_weights import SharedWeights, WeightMemory
 from ps_server.snapshots import read_state, state_of, stats_of
 from ps_server.storage import ShardState
-from ps_server.updates import CheckedPush, Updater
+from ps_server.updates import CheckedPush, Updater, step_complete
 from ps_server.workers import Workers
 
 __all__ = ["Gradient", "PulledKey", "Shard", "Slot", "updates_taken"]
@@ -199,7 +199,7 @@ class Shard:
             self._seen(worker_id)
             checked = CheckedPush(worker_id, step, options, fresh, grads, thresholds)
             if job.mode == pb.BSP:
-                updater.accumulate(checked, self._expected_contributors(job))
+                updater.accumulate(checked, self.workers.live(job.num_workers))
             else:
                 updater.apply_now(job, checked, self._pulled_version)
             # What is not kept as a BSP step's sum is free for the next push.
@@ -212,9 +212,6 @@ class Shard:
             self.counters["bytes_in"] += sum(keys.gradient_bytes(g) for k, g in grads.items() if k in fresh)
             self._cond.notify_all()
             return len(fresh), duplicates
-
-    def _expected_contributors(self, job: pb.JobSpec) -> int:
-        return job.num_workers - len(self.workers.departed)
 
     def _seen(self, worker_id: int) -> None:
         """Note that a worker is alive; a departed one rejoins."""
@@ -232,12 +229,28 @@ class Shard:
         self.counters["workers_departed"] += len(expired)
         log.warning(
             "workers %s sent nothing for %.0fs: continuing without them (%d of %d workers left)",
-            expired, self.workers.timeout, self._expected_contributors(job), job.num_workers,
+            expired, self.workers.timeout, len(self.workers.live(job.num_workers)), job.num_workers,
         )  # fmt: skip
+        self._without_departed(job, updater)
+
+    def leave(self, worker_id: int) -> None:
+        """The worker left the job (its client closed): nobody waits for it
+        any more. Its next call, if any, rejoins it."""
+        with self._cond:
+            job, updater = self._require_job()
+            self._check_worker(worker_id)
+            if self.workers.leave(worker_id):
+                self.counters["workers_left"] += 1
+                log.info("worker %d left the job (%d of %d workers left)", worker_id,
+                         len(self.workers.live(job.num_workers)), job.num_workers)  # fmt: skip
+                self._without_departed(job, updater)
+
+    def _without_departed(self, job: pb.JobSpec, updater: Updater) -> None:
+        """Complete the BSP steps that waited only for departed workers, and
+        wake the pulls that did (called holding the lock)."""
         if job.mode == pb.BSP:
-            expected = self._expected_contributors(job)
-            ready = [s for s in self.slots.values() if s.contributors > 0 and s.contributors >= expected]
-            updater.apply_steps(None, ready)
+            live = self.workers.live(job.num_workers)
+            updater.apply_steps(None, [s for s in self.slots.values() if step_complete(s, live)])
         self._cond.notify_all()
 
     def _clocks(self) -> dict[int, int]:

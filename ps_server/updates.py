@@ -5,7 +5,7 @@ is in; ASP and SSP apply each push on arrival. Called under the shard's lock."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from ps_server.keys import Gradient, Slot
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
 
-__all__ = ["CheckedPush", "Updater"]
+__all__ = ["CheckedPush", "Updater", "step_complete"]
 
 
 @dataclass
@@ -31,6 +31,14 @@ class CheckedPush:
     fresh: dict[str, Slot]  # keys this worker had not pushed for this step yet
     grads: Mapping[str, Gradient]  # absent keys have no entry
     thresholds: dict[str, float]  # pruning thresholds by parameter name
+
+
+def step_complete(slot: Slot, live: Sequence[int]) -> bool:
+    """BSP: whether the step `slot` is at has every live worker's push. By
+    worker, not by count: a worker that left after pushing this step still
+    counts among its contributions, and must not stand in for one that has
+    not pushed yet."""
+    return slot.contributors > 0 and all(slot.last_push.get(w, -1) >= slot.version for w in live)
 
 
 class Updater:
@@ -49,8 +57,8 @@ class Updater:
         self._metrics = metrics
         self._count = count
 
-    def accumulate(self, push: CheckedPush, expected: int) -> None:
-        """BSP: add to the step's sum; apply the average once `expected` workers contributed."""
+    def accumulate(self, push: CheckedPush, live: Sequence[int]) -> None:
+        """BSP: add to the step's sum; apply the average once every `live` worker contributed."""
         ready = []
         for key, slot in push.fresh.items():
             grad = push.grads.get(key)
@@ -65,7 +73,7 @@ class Updater:
             slot.last_push[push.worker_id] = push.step
             if slot.spec.tensor in push.thresholds:
                 slot.prune_threshold = push.thresholds[slot.spec.tensor]
-            if slot.contributors >= expected:
+            if step_complete(slot, live):
                 ready.append(slot)
         self.apply_steps(push.options, ready)
 

@@ -48,6 +48,13 @@ class Workers:
         self.departed.update(expired)
         return expired
 
+    def leave(self, worker: int) -> bool:
+        """`worker` left on purpose; False if it had already departed."""
+        if worker in self.departed:
+            return False
+        self.departed.add(worker)
+        return True
+
     def live(self, num_workers: int) -> list[int]:
         return [w for w in range(num_workers) if w not in self.departed]
 

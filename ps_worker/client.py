@@ -388,9 +388,13 @@ class PSClient:
         """Make every server write a checkpoint now; where each did, in server order."""
         return self._servers.on_every(lambda s: self._servers.transports[s].checkpoint(self.config.timeout))
 
-    def close(self) -> None:
+    def close(self, leave: bool = True) -> None:
+        """End every connection. A worker that joined the job tells the
+        servers it leaves, so that the others go on without waiting for it;
+        with `leave=False` they wait for it up to their worker timeout, as
+        for a crash, which suits a worker about to restart and resume."""
         self._puller.shutdown(wait=True)
-        self._servers.close()
+        self._servers.close(leave=leave and self._optimizer is not None)
 
     def __enter__(self) -> PSClient:
         return self

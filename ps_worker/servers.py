@@ -113,10 +113,26 @@ class Servers:
                 except PSError as exc:
                     log.debug("heartbeat failed: %s", exc)
 
-    def close(self) -> None:
+    def close(self, leave: bool) -> None:
+        """End every connection; with `leave` (the job was joined), tell each
+        server first that this worker left, so that nobody waits for it. The
+        heartbeats stop before: one after the Leave would rejoin it."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join()
+        if leave:
+            request = pb.LeaveRequest(worker_id=self.worker_id)
+
+            def tell(server: int) -> None:
+                try:
+                    self.transports[server].leave(request, min(self.config.timeout, _HELLO_TIMEOUT))
+                except PSError as exc:  # it will give up on this worker after its worker timeout instead
+                    log.warning("worker %d could not tell %s that it leaves: %s",
+                                self.worker_id, self.addresses[server], exc)  # fmt: skip
+
+            self.on_every(tell)
         self._pool.shutdown(wait=True)
         for transport in self.transports:
             transport.close()

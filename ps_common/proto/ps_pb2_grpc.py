@@ -64,6 +64,11 @@ class ParameterServerStub:
                 request_serializer=ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/ps.v1.ParameterServer/Leave',
+                request_serializer=ps__common_dot_proto_dot_ps__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=ps__common_dot_proto_dot_ps__pb2.LeaveResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -115,6 +120,15 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """The worker leaves the job (its client closes): BSP and SSP stop waiting
+        for it at once, rather than after the worker timeout. Any later call of
+        the same worker rejoins it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.FromString,
                     response_serializer=ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.LeaveRequest.FromString,
+                    response_serializer=ps__common_dot_proto_dot_ps__pb2.LeaveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +330,33 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Checkpoint',
             ps__common_dot_proto_dot_ps__pb2.CheckpointRequest.SerializeToString,
             ps__common_dot_proto_dot_ps__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ps.v1.ParameterServer/Leave',
+            ps__common_dot_proto_dot_ps__pb2.LeaveRequest.SerializeToString,
+            ps__common_dot_proto_dot_ps__pb2.LeaveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,9 @@ class _Servicer:
     def Checkpoint(self, request: Any, context: grpc.ServicerContext) -> pb.CheckpointResponse:
         return self._unary(context, lambda: self._service.checkpoint(request))
 
+    def Leave(self, request: Any, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        return self._unary(context, lambda: self._service.leave(request))
+
 
 def _handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
     """Every method of the proto's service, checked to have a handler."""
@@ -93,6 +96,9 @@ def _handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
             servicer.Checkpoint, wire.lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
+        ),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave, wire.lenient(pb.LeaveRequest), pb.LeaveResponse.SerializeToString
         ),
     }
     missing = set(wire.METHODS) - set(handlers)

@@ -58,6 +58,7 @@ class SocketServer:
             "Hello": (service.hello, wire.lenient(pb.HelloRequest)),
             "Stats": (service.stats, wire.lenient(pb.StatsRequest)),
             "Checkpoint": (service.checkpoint, wire.lenient(pb.CheckpointRequest)),
+            "Leave": (service.leave, wire.lenient(pb.LeaveRequest)),
         }
         self._max_connections = max_connections
         host = host.strip("[]")  # "[::]", as --host may write it

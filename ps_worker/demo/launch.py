@@ -32,9 +32,9 @@ from ps_common.log import setup_logging
 from ps_worker.client import PSClient
 from ps_worker.demo.config import TrainConfig
 from ps_worker.demo.job import DEFAULT_LR, load_digits, steps_per_epoch
+from ps_worker.local_servers import start_servers, stop_processes
 
 log = logging.getLogger("ps_train")
-SERVER_START_TIMEOUT = 60.0
 
 
 class LocalCluster:
@@ -43,27 +43,15 @@ class LocalCluster:
     def __init__(self, config: TrainConfig, workdir: Path) -> None:
         self.config = config
         self.workdir = workdir
-        self.servers: list[subprocess.Popen[bytes]] = []
+        self.servers: list[subprocess.Popen[Any]] = []
         self.workers: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
 
     def start_servers(self) -> None:
-        port_files = [self.workdir / f"server{i}.port" for i in range(self.config.servers)]
-        for i, port_file in enumerate(port_files):
-            command = [sys.executable, "-m", "ps_server", "--host", "127.0.0.1", "--port", "0",
-                       "--port-file", str(port_file), "--log-level", self.config.log_level]  # fmt: skip
-            self.servers.append(subprocess.Popen(command, stderr=self._log_file(f"server{i}")))
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        for i, port_file in enumerate(port_files):
-            while not port_file.exists():
-                if self.servers[i].poll() is not None:
-                    raise RuntimeError(
-                        f"server {i} exited with {self.servers[i].returncode}: {self.tail(f'server{i}')}"
-                    )
-                if time.monotonic() > deadline:
-                    raise WaitTimeout(f"server {i} did not report its port within {SERVER_START_TIMEOUT:.0f}s")
-                time.sleep(0.05)
-            self.addresses.append(f"127.0.0.1:{port_file.read_text()}")
+        self.servers, self.addresses = start_servers(
+            self.config.servers, self.workdir, lambda i: self._log_file(f"server{i}"),
+            ["--log-level", self.config.log_level], lambda i: self.tail(f"server{i}"),
+        )  # fmt: skip
         log.info("servers up at %s", self.addresses)
 
     def start_workers(self) -> None:
@@ -79,16 +67,7 @@ class LocalCluster:
             )
 
     def stop(self) -> None:
-        processes: list[subprocess.Popen[Any]] = [*self.workers, *self.servers]
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes([*self.workers, *self.servers])
 
     def tail(self, name: str, lines: int = 15) -> str:
         return "\n".join((self.workdir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])

@@ -106,6 +106,9 @@ class _Discovered(Transport):
     def checkpoint(self, timeout: float) -> pb.CheckpointResponse:
         return self._transport().checkpoint(timeout)
 
+    def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
+        self._transport().leave(request, timeout)
+
     def close(self) -> None:
         with self._lock:
             transports, self._current, self._retired = [self._current, *self._retired], None, []

@@ -57,6 +57,10 @@ class Transport(abc.ABC):
     def checkpoint(self, timeout: float) -> pb.CheckpointResponse: ...
 
     @abc.abstractmethod
+    def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
+        """Tell the server this worker left the job."""
+
+    @abc.abstractmethod
     def close(self) -> None: ...
 
 

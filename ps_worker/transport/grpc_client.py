@@ -115,6 +115,8 @@ class GrpcTransport(Transport):
                                           pb.StatsResponse.FromString)  # fmt: skip
         self._checkpoint = channel.unary_unary(prefix + "Checkpoint", pb.CheckpointRequest.SerializeToString,
                                                pb.CheckpointResponse.FromString)  # fmt: skip
+        self._leave = channel.unary_unary(prefix + "Leave", pb.LeaveRequest.SerializeToString,
+                                          pb.LeaveResponse.FromString)  # fmt: skip
 
     def translated(self, call: Callable[[], Any]) -> Any:
         """`call()`, its grpc.RpcError raised as the matching PSError."""
@@ -148,6 +150,9 @@ class GrpcTransport(Transport):
             lambda: self._checkpoint(pb.CheckpointRequest(), timeout=timeout)
         )
         return response
+
+    def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
+        self.translated(lambda: self._leave(request, timeout=timeout))
 
     def close(self) -> None:
         self._channel.close()

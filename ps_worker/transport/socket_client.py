@@ -172,6 +172,9 @@ class SocketTransport(Transport):
     def checkpoint(self, timeout: float) -> pb.CheckpointResponse:
         return pb.CheckpointResponse.FromString(self._unary("Checkpoint", b"", timeout))
 
+    def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
+        self._unary("Leave", request.SerializeToString(), timeout)
+
     def init(self, frames: Iterator[wire.Frame], timeout: float) -> pb.InitResponse:
         return pb.InitResponse.FromString(self._client_stream("Init", frames, timeout, None))
 

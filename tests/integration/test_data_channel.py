@@ -112,9 +112,9 @@ def test_pushes_and_pulls_take_the_data_channel_when_offered(data_socket: bool) 
         data_server, pushes = cluster.servers[0].data_server, shard.counters["pushes"]
         assert pushes >= 3  # each step's push, in one request or more
         shares = 1 if data_socket else 0
-        # Hello, Init, first pull, pushes, pulls, and on the Unix socket the Share before the first pull
+        # Hello, Init, first pull, pushes, pulls, Leave, and on the Unix socket the Share before the first pull
         calls = _calls(cluster.servers[0])
-        assert data_server is not None and sum(calls) == 1 + 1 + 1 + pushes + 3 + shares
+        assert data_server is not None and sum(calls) == 1 + 1 + 1 + pushes + 3 + 1 + shares
         assert calls == ((0, sum(calls)) if data_socket else (sum(calls), 0))
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         assert shard.counters["bytes_shared"] == (weights * 4 if data_socket else 0)  # 4 pulls, none sent

@@ -20,7 +20,7 @@ from ps_worker import DistributedOptimizer, PSClient
 from tests.support.training import small_model
 
 SERVICE = "/ps.v1.ParameterServer/"
-UNARY = ["Hello", "Stats", "Checkpoint"]
+UNARY = ["Hello", "Stats", "Checkpoint", "Leave"]
 CLIENT_STREAM = ["Init", "Push"]
 SERVER_STREAM = ["Pull"]
 FUZZ = settings(
