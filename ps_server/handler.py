@@ -214,6 +214,30 @@ class ParameterService:
         return pb.CheckpointResponse(path=str(path), version=version)
 
     @_counted
+    def get_state(self, request: pb.StateRequest | wire.Malformed) -> Iterator[list[Any]]:
+        """The optimizer state of every key (Shard.get_state) as serialized
+        PullResponses, each as its pieces."""
+        state = self.shard.get_state(_parsed(request).worker_id)
+        chunk_bytes = self.config.chunk_bytes
+        chunks = (chunk for name, value in state for chunk in codec.tensor_to_chunks(name, value, chunk_bytes))
+        for batch in codec.batched(chunks, chunk_bytes):
+            yield wire.pull_parts(wire.Frame(chunks=batch))
+
+    @_counted
+    def set_state(self, requests: Iterator[pb.SetStateRequest | wire.Malformed]) -> pb.SetStateResponse:
+        worker_id = None
+        assembler = assembly.ChunkAssembler(assembly.new_tensor_for)
+        for request in map(_parsed, requests):
+            if worker_id is not None and request.worker_id != worker_id:
+                raise InvalidArgument("every SetState message must name the same worker")
+            worker_id = request.worker_id
+            for chunk in request.chunks:
+                assembler.add(chunk)
+        if worker_id is None:
+            raise InvalidArgument("SetState carried no message")
+        return pb.SetStateResponse(keys=self.shard.set_state(worker_id, assembler.finish()))
+
+    @_counted
     def leave(self, request: pb.LeaveRequest | wire.Malformed) -> pb.LeaveResponse:
         self.shard.leave(_parsed(request).worker_id)
         return pb.LeaveResponse()

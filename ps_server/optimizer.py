@@ -170,6 +170,30 @@ class ShardOptimizer:
         state: dict[str, Any] = self._torch.state_dict()
         return state
 
+    def state_of(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A copy of torch's state of one of the shard's parameters (empty
+        before its first update; fields torch left None are left out)."""
+        state = self._torch.state.get(param, {})
+        return {name: value.clone() for name, value in state.items() if isinstance(value, torch.Tensor)}
+
+    def state_fields(self, param: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The fields torch keeps for `param` once it has taken a step, with
+        their shapes and dtypes, from one step of a copy of its group on a
+        zero gradient (torch creates the state lazily, on the first step)."""
+        group = self._torch.param_groups[self._group_of[id(param)]]
+        probe = torch.zeros_like(param, requires_grad=True)
+        options = {k: v for k, v in group.items() if k != "params"}
+        optimizer = self._cls([probe], **options)
+        probe.grad = torch.zeros_like(probe)
+        optimizer.step()
+        return {name: (tuple(v.shape), v.dtype) for name, v in optimizer.state[probe].items()
+                if isinstance(v, torch.Tensor)}  # fmt: skip
+
+    def set_state(self, states: Mapping[int, Mapping[str, torch.Tensor]], params: Sequence[torch.Tensor]) -> None:
+        """Replace torch's state of `params[i]` by `states[i]`, checked already."""
+        for index, fields in states.items():
+            self._torch.state[params[index]] = {name: value.clone() for name, value in fields.items()}
+
     def state_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The torch optimizer's state as named tensors plus JSON-able rest."""
         state = self._torch.state_dict()

@@ -11,6 +11,7 @@ so a refused request leaves weights, optimizer state and counters as they were.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -404,6 +405,58 @@ class Shard:
                     s.cast.numel() * s.cast.element_size() for s in self.slots.values() if s.cast is not None
                 ),
             }
+
+    def get_state(self, worker_id: int) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer state of every key, as ("<key>/<field>", copy) pairs."""
+        with self._cond:
+            _, updater = self._require_job()
+            self._check_worker(worker_id)
+            return [
+                (f"{key}/{name}", value)
+                for key, slot in self.slots.items()
+                for name, value in updater.optimizer.state_of(slot.value).items()
+            ]
+
+    def set_state(self, worker_id: int, states: Mapping[str, torch.Tensor]) -> int:
+        """Worker 0 sets the optimizer state of keys ("<key>/<field>": tensor)
+        before the job's first update: every field torch keeps for each key
+        named, with its shape, or nothing changes. Returns the keys set."""
+        with self._cond:
+            job, updater = self._require_job()
+            if worker_id != 0:
+                raise InvalidArgument(f"only worker 0 sets the optimizer state, not worker {worker_id}")
+            if updates_taken(s.version for s in self.slots.values()):
+                raise FailedPrecondition(
+                    "the job has taken updates already: load the optimizer state before the first step"
+                )
+            by_key: dict[str, dict[str, torch.Tensor]] = {}
+            for name, value in states.items():
+                key, _, field = name.rpartition("/")
+                self._slot(key)
+                by_key.setdefault(key, {})[field] = value
+            order = list(self.slots)
+            checked = {}
+            for key, fields in by_key.items():
+                expected = updater.optimizer.state_fields(self.slots[key].value)
+                if set(fields) != set(expected):
+                    raise InvalidArgument(
+                        f"optimizer state of key {key!r} has fields {sorted(fields)}; "
+                        f"{job.optimizer.name} keeps {sorted(expected)}"
+                    )
+                for field, value in list(fields.items()):
+                    shape, dtype = expected[field]
+                    if value.numel() == math.prod(shape):
+                        value = fields[field] = value.view(shape)  # it travelled flat
+                    if tuple(value.shape) != shape or not (value.is_floating_point() or value.dtype == dtype):
+                        raise InvalidArgument(
+                            f"optimizer state {key}/{field} has shape {list(value.shape)} and dtype {value.dtype}; "
+                            f"expected shape {list(shape)}, {dtype}"
+                        )
+                    if not codec.all_finite(value):
+                        raise InvalidArgument(f"optimizer state {key}/{field} contains NaN or Inf")
+                checked[order.index(key)] = {f: v.to(expected[f][1]) for f, v in fields.items()}
+            updater.optimizer.set_state(checked, [s.value for s in self.slots.values()])
+            return len(checked)
 
     @property
     def optimizer(self) -> ShardOptimizer | None:

@@ -30,6 +30,7 @@ from ps_worker.environment import WorkerPlace
 from ps_worker.job_spec import group_options, key_spec, torch_optimizer_class
 from ps_worker.layout import Layout, checked, flat, gather, scatter
 from ps_worker.links import pulls_while_pushing, push_request_bytes
+from ps_worker.optimizer_state import read_state, write_state
 from ps_worker.pruning import PruningConfig
 from ps_worker.push_stream import PushStream
 from ps_worker.pushing import Pusher
@@ -379,6 +380,19 @@ class PSClient:
 
         self._servers.on_every(pull_server)
         return masks
+
+    def optimizer_state(self, shapes: Mapping[str, torch.Size]) -> dict[str, dict[str, torch.Tensor]]:
+        """The servers' optimizer state of every parameter (by name, with
+        `shapes` by name), in torch's per-parameter form; none for a
+        parameter not updated yet."""
+        return read_state(self._servers, self.layout, shapes)
+
+    def load_optimizer_state(self, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Worker 0 sets the servers' optimizer state from `states` (by
+        parameter name, torch's form), before the job's first update; the
+        other workers' servers are the same ones, so they send nothing."""
+        if self.worker_id == 0:
+            write_state(self._servers, self.layout, {name: dict(fields) for name, fields in states.items()})
 
     def stats(self) -> list[pb.StatsResponse]:
         """Each server's keys, bytes, versions and worker clocks, in server order."""

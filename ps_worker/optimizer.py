@@ -147,6 +147,26 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self._params.values()]
             self._hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(self._await_weights))
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format: the param groups' hyperparameters, and each
+        parameter's optimizer state as the servers hold it (read from them)."""
+        packed: dict[str, Any] = super().state_dict()
+        shapes = {name: param.shape for name, param in self._params.items()}
+        states = self.client.optimizer_state(shapes)
+        order = [self._names[id(p)] for group in self.param_groups for p in group["params"]]
+        packed["state"] = {index: states[name] for index, name in enumerate(order) if name in states}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters and optimizer state saved by `state_dict()`
+        (or by the same torch optimizer trained locally), before the first
+        step: every worker loads it, worker 0 sends the state to the servers."""
+        self.optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        # torch's load replaces the group dicts: share the new ones again.
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
+        order = [self._names[id(p)] for group in self.param_groups for p in group["params"]]
+        self.client.load_optimizer_state({order[int(i)]: fields for i, fields in state_dict["state"].items()})
+
     @property
     def steps_done(self) -> int:
         """Steps this worker has pushed (a rejoining worker starts above 0)."""

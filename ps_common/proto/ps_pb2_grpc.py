@@ -69,6 +69,16 @@ class ParameterServerStub:
                 request_serializer=ps__common_dot_proto_dot_ps__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=ps__common_dot_proto_dot_ps__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_stream(
+                '/ps.v1.ParameterServer/GetState',
+                request_serializer=ps__common_dot_proto_dot_ps__pb2.StateRequest.SerializeToString,
+                response_deserializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
+                _registered_method=True)
+        self.SetState = channel.stream_unary(
+                '/ps.v1.ParameterServer/SetState',
+                request_serializer=ps__common_dot_proto_dot_ps__pb2.SetStateRequest.SerializeToString,
+                response_deserializer=ps__common_dot_proto_dot_ps__pb2.SetStateResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -129,6 +139,23 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """The optimizer state of this server's keys: torch's state of each key
+        (a range of a parameter, or several whole ones), each tensor as chunks
+        named "<key>/<field>" ("0.weight[0:1024]/exp_avg"; "step" has shape []).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetState(self, request_iterator, context):
+        """Worker 0 sets that state, in the same form, before the job's first
+        update: a training run resuming from a saved optimizer state_dict.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +193,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=ps__common_dot_proto_dot_ps__pb2.LeaveRequest.FromString,
                     response_serializer=ps__common_dot_proto_dot_ps__pb2.LeaveResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.StateRequest.FromString,
+                    response_serializer=ps__common_dot_proto_dot_ps__pb2.PullResponse.SerializeToString,
+            ),
+            'SetState': grpc.stream_unary_rpc_method_handler(
+                    servicer.SetState,
+                    request_deserializer=ps__common_dot_proto_dot_ps__pb2.SetStateRequest.FromString,
+                    response_serializer=ps__common_dot_proto_dot_ps__pb2.SetStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +394,60 @@ class ParameterServer:
             '/ps.v1.ParameterServer/Leave',
             ps__common_dot_proto_dot_ps__pb2.LeaveRequest.SerializeToString,
             ps__common_dot_proto_dot_ps__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ps.v1.ParameterServer/GetState',
+            ps__common_dot_proto_dot_ps__pb2.StateRequest.SerializeToString,
+            ps__common_dot_proto_dot_ps__pb2.PullResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetState(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ps.v1.ParameterServer/SetState',
+            ps__common_dot_proto_dot_ps__pb2.SetStateRequest.SerializeToString,
+            ps__common_dot_proto_dot_ps__pb2.SetStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,16 @@ class _Servicer:
     def Leave(self, request: Any, context: grpc.ServicerContext) -> pb.LeaveResponse:
         return self._unary(context, lambda: self._service.leave(request))
 
+    def GetState(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        try:
+            for parts in self._service.get_state(request):
+                yield b"".join(parts)
+        except PSError as exc:
+            _abort(context, exc)
+
+    def SetState(self, requests: Iterator[Any], context: grpc.ServicerContext) -> pb.SetStateResponse:
+        return self._unary(context, lambda: self._service.set_state(requests))
+
 
 def _handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
     """Every method of the proto's service, checked to have a handler."""
@@ -96,6 +106,10 @@ def _handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
         ),
         "Checkpoint": grpc.unary_unary_rpc_method_handler(
             servicer.Checkpoint, wire.lenient(pb.CheckpointRequest), pb.CheckpointResponse.SerializeToString
+        ),
+        "GetState": grpc.unary_stream_rpc_method_handler(servicer.GetState, wire.lenient(pb.StateRequest), None),
+        "SetState": grpc.stream_unary_rpc_method_handler(
+            servicer.SetState, wire.lenient(pb.SetStateRequest), pb.SetStateResponse.SerializeToString
         ),
         "Leave": grpc.unary_unary_rpc_method_handler(
             servicer.Leave, wire.lenient(pb.LeaveRequest), pb.LeaveResponse.SerializeToString

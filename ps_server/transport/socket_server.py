@@ -60,6 +60,12 @@ class SocketServer:
             "Checkpoint": (service.checkpoint, wire.lenient(pb.CheckpointRequest)),
             "Leave": (service.leave, wire.lenient(pb.LeaveRequest)),
         }
+        # The methods whose requests are a stream of messages, and how each is read.
+        self._client_streams: dict[str, tuple[Callable[[Any], Message], Callable[..., Any]]] = {
+            "Init": (service.init, wire.read_init),
+            "Push": (service.push, wire.read_push),
+            "SetState": (service.set_state, _read_whole(pb.SetStateRequest)),
+        }
         self._max_connections = max_connections
         host = host.strip("[]")  # "[::]", as --host may write it
         ipv6 = ":" in host
@@ -204,17 +210,19 @@ class SocketServer:
         deadline = time.monotonic() + header.timeout if header.timeout > 0 else None
         try:
             self._security.check_token(header.auth_token)
-            if header.method in ("Push", "Init"):
-                method, read = (
-                    (self._service.push, wire.read_push) if header.method == "Push" else
-                    (self._service.init, wire.read_init)
-                )  # fmt: skip
+            if header.method in self._client_streams:
+                method, read = self._client_streams[header.method]
                 response: Message = method(self._client_stream(receiver, header, read))
                 data_channel.write(sock, pb.DataHeader(last=True), response.SerializeToString())
-            elif header.method == "Pull":
-                request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(bytes(receiver.read_body(header))))
-                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for message in self._service.pull(request, remaining, shares=_shares(sock)):
+            elif header.method in ("Pull", "GetState"):
+                body = bytes(receiver.read_body(header))
+                if header.method == "Pull":
+                    request = cast(pb.PullRequest, wire.lenient(pb.PullRequest)(body))
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    answer = self._service.pull(request, remaining, shares=_shares(sock))
+                else:
+                    answer = self._service.get_state(cast(pb.StateRequest, wire.lenient(pb.StateRequest)(body)))
+                for message in answer:
                     data_channel.write(sock, pb.DataHeader(), message)
                 data_channel.write(sock, pb.DataHeader(last=True))
             elif header.method in self._unary:
@@ -238,10 +246,10 @@ class SocketServer:
         return True
 
     def _client_stream(
-        self, receiver: data_channel.Receiver, header: pb.DataHeader, read: wire.Reader
-    ) -> Iterator[wire.Frame | wire.Malformed]:
-        """A Push or Init stream's messages (until the one marked last), each
-        read from the connection as its chunks are used."""
+        self, receiver: data_channel.Receiver, header: pb.DataHeader, read: Callable[..., Any]
+    ) -> Iterator[Any]:
+        """A client stream's messages (until the one marked last); Init's and
+        Push's each read from the connection as its chunks are used."""
         while True:
             if header.body_length or not header.last:
                 message = read(receiver.stream, header.body_length)
@@ -285,6 +293,19 @@ _SHARING_RULE = "this server shares its weights only after Init, on Linux, throu
 _DRAIN_SECONDS = 2.0
 _HANDSHAKE_SECONDS = 10.0
 _NO_DEADLINE_LIMIT = 600.0  # a call without a deadline (our clients always send one)
+
+
+def _read_whole(message: type[Message]) -> Callable[[io.BufferedIOBase, int], Any]:
+    """A reader of a message of `size` bytes parsed by protobuf (Malformed if it does not parse)."""
+    parse = wire.lenient(message)
+
+    def read(stream: io.BufferedIOBase, size: int) -> Any:
+        body = stream.read(size)
+        if len(body) != size:
+            raise data_channel.Closed("connection closed in the middle of a message")
+        return parse(body)
+
+    return read
 
 
 def _local_listener() -> tuple[socket.socket | None, str]:

@@ -106,6 +106,12 @@ class _Discovered(Transport):
     def checkpoint(self, timeout: float) -> pb.CheckpointResponse:
         return self._transport().checkpoint(timeout)
 
+    def get_state(self, request: pb.StateRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        self._transport().get_state(request, timeout, into, done)
+
+    def set_state(self, messages: Iterator[pb.SetStateRequest], timeout: float) -> pb.SetStateResponse:
+        return self._transport().set_state(messages, timeout)
+
     def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
         self._transport().leave(request, timeout)
 

@@ -57,6 +57,14 @@ class Transport(abc.ABC):
     def checkpoint(self, timeout: float) -> pb.CheckpointResponse: ...
 
     @abc.abstractmethod
+    def get_state(self, request: pb.StateRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        """The optimizer state of the server's keys, read as `pull` reads weights."""
+
+    @abc.abstractmethod
+    def set_state(self, messages: Iterator[pb.SetStateRequest], timeout: float) -> pb.SetStateResponse:
+        """Worker 0 sets the optimizer state of the server's keys."""
+
+    @abc.abstractmethod
     def leave(self, request: pb.LeaveRequest, timeout: float) -> None:
         """Tell the server this worker left the job."""
 

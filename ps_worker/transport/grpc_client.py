@@ -115,6 +115,9 @@ class GrpcTransport(Transport):
                                           pb.StatsResponse.FromString)  # fmt: skip
         self._checkpoint = channel.unary_unary(prefix + "Checkpoint", pb.CheckpointRequest.SerializeToString,
                                                pb.CheckpointResponse.FromString)  # fmt: skip
+        self._get_state = channel.unary_stream(prefix + "GetState", pb.StateRequest.SerializeToString, _decode_pull)
+        self._set_state = channel.stream_unary(prefix + "SetState", pb.SetStateRequest.SerializeToString,
+                                               pb.SetStateResponse.FromString)  # fmt: skip
         self._leave = channel.unary_unary(prefix + "Leave", pb.LeaveRequest.SerializeToString,
                                           pb.LeaveResponse.FromString)  # fmt: skip
 
@@ -149,6 +152,13 @@ class GrpcTransport(Transport):
         response: pb.CheckpointResponse = self.translated(
             lambda: self._checkpoint(pb.CheckpointRequest(), timeout=timeout)
         )
+        return response
+
+    def get_state(self, request: pb.StateRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        self.translated(lambda: assembly.receive(self._get_state(request, timeout=timeout), into, done))
+
+    def set_state(self, messages: Iterator[pb.SetStateRequest], timeout: float) -> pb.SetStateResponse:
+        response: pb.SetStateResponse = self.translated(lambda: self._set_state(messages, timeout=timeout))
         return response
 
     def leave(self, request: pb.LeaveRequest, timeout: float) -> None:

@@ -198,9 +198,22 @@ class SocketTransport(Transport):
             asked, request = request, pb.PullRequest()
             request.CopyFrom(asked)
             request.shared = True
+        self._server_stream("Pull", request.SerializeToString(), timeout, reader, into, done)
+
+    def get_state(self, request: pb.StateRequest, timeout: float, into: Allocator, done: OnComplete = None) -> None:
+        self._server_stream("GetState", request.SerializeToString(), timeout, None, into, done)
+
+    def set_state(self, messages: Iterator[pb.SetStateRequest], timeout: float) -> pb.SetStateResponse:
+        frames = ([message.SerializeToString()] for message in messages)
+        return pb.SetStateResponse.FromString(self._client_stream("SetState", frames, timeout, None))
+
+    def _server_stream(
+        self, method: str, body: bytes, timeout: float, reader: _SharedReader | None, into: Allocator, done: OnComplete
+    ) -> None:
+        """A call of one request whose answer is a stream of PullResponses, read into tensors."""
         with self._connected(timeout) as connection:
-            header = pb.DataHeader(method="Pull", last=True, auth_token=self._token, timeout=timeout)
-            self._send(connection, header, request.SerializeToString())
+            header = pb.DataHeader(method=method, last=True, auth_token=self._token, timeout=timeout)
+            self._send(connection, header, body)
             assembly.receive(self._answers(connection, reader), into, done)
 
     def close(self) -> None:
@@ -225,16 +238,16 @@ class SocketTransport(Transport):
             return bytes(answer)
 
     def _client_stream(
-        self, method: str, frames: Iterator[wire.Frame], timeout: float, call: _DataPush | None
+        self, method: str, frames: Iterator[wire.Frame | list[bytes]], timeout: float, call: _DataPush | None
     ) -> bytes:
-        """Send a Push or Init stream; the answer's body."""
+        """Send a client stream (Frames, or messages already serialized); the answer's body."""
         with self._connected(timeout) as connection:
             if call is not None:
                 call.connection = connection
             with self._one_sending_over_a_link(connection, timeout):
                 header = pb.DataHeader(method=method, auth_token=self._token, timeout=timeout)  # opens the call
                 for frame in frames:
-                    self._send(connection, header, wire.request_parts(frame))
+                    self._send(connection, header, frame if isinstance(frame, list) else wire.request_parts(frame))
                     header = pb.DataHeader()
                 if call is not None and call.cancelled.is_set():
                     raise Cancelled(f"{self._where}: push cancelled (CANCELLED)")

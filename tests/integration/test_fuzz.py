@@ -21,8 +21,8 @@ from tests.support.training import small_model
 
 SERVICE = "/ps.v1.ParameterServer/"
 UNARY = ["Hello", "Stats", "Checkpoint", "Leave"]
-CLIENT_STREAM = ["Init", "Push"]
-SERVER_STREAM = ["Pull"]
+CLIENT_STREAM = ["Init", "Push", "SetState"]
+SERVER_STREAM = ["Pull", "GetState"]
 FUZZ = settings(
     max_examples=int(os.environ.get("PS_FUZZ_EXAMPLES", "60")),
     deadline=None,
