@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from ps_common.errors import InvalidArgument
 from ps_worker.client import Mode, PSClient, PushStream
 from ps_worker.compression import Compression
 from ps_worker.pruning import PruningConfig, magnitude_threshold
@@ -141,6 +142,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._push: PushStream | None = None  # overlap: the push backward is feeding
         self._pulling: futures.Future[None] | None = None  # overlap: the background pull
         self._arrived: dict[int, threading.Event] = {}  # overlap: by id(parameter)
+        # overlap: each pushed gradient and its fingerprint then, by id(parameter)
+        self._pushed: dict[int, tuple[torch.Tensor, tuple[int, torch.Tensor]]] = {}
         self._hooks: list[RemovableHandle] = []
         if overlap:
             self._puller = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-pull")
@@ -192,6 +195,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self._step += 1
             else:
                 push, self._push = self._push, None
+                self._refuse_changed_gradients(push)
                 self._finish_overlapped(push)
         self.communication_seconds += time.perf_counter() - started
         return loss
@@ -210,6 +214,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._push is not None:
             self._push.cancel()
             self._push = None
+            self._pushed = {}
         self.synchronize()
         for hook in self._hooks:
             hook.remove()
@@ -224,6 +229,26 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._push = self.client.push_stream(self._step, self._prune_thresholds())
         name = self._names[id(param)]
         self._push.add(name, self._staging.grad(name))
+        if param.grad is not None:
+            self._pushed[id(param)] = (param.grad, _fingerprint(param.grad))
+
+    def _refuse_changed_gradients(self, push: PushStream) -> None:
+        """With overlap a gradient goes up as backward produces it: one changed
+        afterwards (clip_grad_norm_, GradScaler's unscale_, any in-place
+        edit) would be trained on unchanged. Refused, applying nothing."""
+        changed = [
+            self._names[key] for key, (grad, print_) in self._pushed.items()
+            if self._params[self._names[key]].grad is not grad or not _same(_fingerprint(grad), print_)
+        ]  # fmt: skip
+        self._pushed = {}
+        if changed:
+            push.cancel()
+            raise InvalidArgument(
+                f"the gradients of {sorted(changed)} changed after backward pushed them (overlap=True pushes each "
+                "gradient as backward produces it): gradient clipping, GradScaler's unscale_ or any other change "
+                "between backward() and step() would be silently lost. Nothing of this step was applied; run "
+                "without overlap to clip or scale gradients"
+            )
 
     def _finish_overlapped(self, push: PushStream) -> None:
         """Finish the push backward fed and pull the next step in the background;
@@ -291,3 +316,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         # The final model is read exactly, even where weights travel in bf16.
         self.client.pull(self._staging.weights(), self._step, wait_for_all_workers=final, full_precision=final)
         self._staging.upload()
+
+
+_SAMPLES = 16
+
+
+def _fingerprint(grad: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """What shows a gradient changed in place: its version counter, which
+    in-place operations bump (clip_grad_norm_'s mul_), and a few of its
+    elements, spread over it, which a foreach kernel that bypasses the
+    counter changes all of (GradScaler's unscale_)."""
+    flat = grad.detach().reshape(-1)
+    return grad._version, flat[:: max(1, flat.numel() // _SAMPLES)].clone()
+
+
+def _same(a: tuple[int, torch.Tensor], b: tuple[int, torch.Tensor]) -> bool:
+    """Bit for bit (a NaN left alone is unchanged, though NaN != NaN)."""
+    return a[0] == b[0] and torch.equal(a[1].view(torch.uint8), b[1].view(torch.uint8))
