@@ -20,6 +20,7 @@ from ps_common.config import env_names, parse_config
 from ps_server.config import ServerConfig
 from ps_worker.ctl import CtlConfig
 from ps_worker.demo.config import WorkerConfig
+from tests.e2e.test_examples import _load, _single_process_checksum
 from tests.support.processes import free_port, worker_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,8 +36,22 @@ def _manifests() -> list[dict[str, Any]]:
     return docs
 
 
-def _compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+TORCHRUN_NAMES = {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def _compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose file as docker compose reads it with `env`: each
+    ${NAME:-default} replaced, and commands given as strings split."""
+    text = re.sub(
+        r"\$\{(\w+):-([^}]*)\}",
+        lambda m: (env or {}).get(m.group(1), m.group(2)),
+        (ROOT / "docker-compose.yml").read_text(),
+    )
+    compose: dict[str, Any] = yaml.safe_load(text)
+    for service in compose["services"].values():
+        if isinstance(service.get("command"), str):
+            service["command"] = shlex.split(service["command"])
+    return compose
 
 
 def _check_command(command: list[str]) -> None:
@@ -78,7 +93,7 @@ def test_compose_commands_and_settings_are_ones_the_cli_accepts() -> None:
     assert {s["command"][0] for s in ours.values()} == {"ps-server", "ps-worker"}
     for service in ours.values():
         _check_command(service["command"])
-        assert set(service["environment"]) <= env_names(CONFIGS[service["command"][0]])
+        assert set(service["environment"]) <= env_names(CONFIGS[service["command"][0]]) | TORCHRUN_NAMES
         if "healthcheck" in service:
             _check_command(service["healthcheck"]["test"][1:])
 
@@ -101,13 +116,19 @@ def _wait_healthy(test: list[str], retries: int, process: subprocess.Popen[bytes
     raise AssertionError(f"healthcheck never passed: {test}")
 
 
+USER_COMMAND = f"{sys.executable} examples/quickstart.py"
+
+
 @pytest.mark.e2e
-def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["ps-worker", USER_COMMAND], ids=["digits-job", "your-script"])
+def test_compose_services_run_as_local_processes_and_train(tmp_path: Path, command: str) -> None:
     """Exactly the compose services: same commands and environment; each
-    container's port is mapped to a free loopback port, as `ports:` would."""
-    services = _compose()["services"]
+    container's port is mapped to a free loopback port, as `ports:` would.
+    The workers run the digits job, or a user's script (WORKER_COMMAND)."""
+    services = _compose({"WORKER_COMMAND": command} if command != "ps-worker" else {})["services"]
     servers = {n: s for n, s in services.items() if s.get("command") == ["ps-server"]}
-    workers = {n: s for n, s in services.items() if s.get("command") == ["ps-worker"]}
+    workers = {n: s for n, s in services.items() if n.startswith("worker-")}
+    assert {tuple(s["command"]) for s in workers.values()} == {tuple(shlex.split(command))}
     mapped = {name: free_port() for name in servers}
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -130,11 +151,17 @@ def test_compose_services_run_as_local_processes_and_train_to_target(tmp_path: P
                     f"{server}:50051", f"127.0.0.1:{mapped[server]}"
                 )
             log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
-            processes.append(subprocess.Popen([str(BIN / "ps-worker")], env={**os.environ, **environment}, stderr=log))
+            program = [str(BIN / "ps-worker")] if command == "ps-worker" else service["command"]
+            processes.append(subprocess.Popen(program, env={**os.environ, **environment}, stdout=log, stderr=log,
+                                              cwd=ROOT))  # fmt: skip
         for process in processes[len(servers) :]:
             assert process.wait(timeout=240) == 0
-        result = worker_result(tmp_path / "worker-0.log")
-        assert result["test_accuracy"] >= 0.97
+        if command == "ps-worker":
+            assert worker_result(tmp_path / "worker-0.log")["test_accuracy"] >= 0.97
+        else:  # every worker ends with the same weights, those of one process on whole batches
+            sums = {re.findall(r"weights checksum (\S+)", (tmp_path / f"{n}.log").read_text())[0] for n in workers}
+            assert len(sums) == 1
+            assert float(sums.pop()) == pytest.approx(_single_process_checksum(_load("quickstart")), rel=1e-5)
         assert all(list((tmp_path / "volume" / name).glob("ckpt-*")) for name in ("server-0", "server-1"))
     finally:
         for process in processes:
