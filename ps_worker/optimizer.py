@@ -21,6 +21,7 @@ its own parameters. The weights are exactly those of the plain path.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -34,6 +35,8 @@ from ps_common.errors import InvalidArgument
 from ps_worker.client import Mode, PSClient, PushStream
 from ps_worker.compression import Compression
 from ps_worker.pruning import PruningConfig, magnitude_threshold
+
+log = logging.getLogger(__name__)
 
 
 class _HostStaging:
@@ -136,6 +139,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             pruning=pruning,
             compression=compression,
         )
+        self._joined_at = self._step  # above 0: this worker rejoined a running job
         self.pruning = pruning
         self.communication_seconds = 0.0  # spent in push and pull, for metrics
         self._pull()
@@ -163,10 +167,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore hyperparameters and optimizer state saved by `state_dict()`
         (or by the same torch optimizer trained locally), before the first
-        step: every worker loads it, worker 0 sends the state to the servers."""
+        step: every worker loads it, worker 0 sends the state to the servers.
+        A worker that rejoined a running job (`steps_done` above 0 when it
+        joined) keeps the servers' state, which is newer, and says so."""
         self.optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         # torch's load replaces the group dicts: share the new ones again.
         self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
+        if self._joined_at > 0:
+            # A worker that rejoined a running job: the servers' state is the job's, newer than any snapshot.
+            log.warning(
+                "worker %d rejoins the job at step %d: the servers hold its optimizer state, which the saved one "
+                "would turn back; only the hyperparameters were loaded (resume your loop at steps_done)",
+                self.client.worker_id, self._joined_at,
+            )  # fmt: skip
+            return
         order = [self._names[id(p)] for group in self.param_groups for p in group["params"]]
         self.client.load_optimizer_state({order[int(i)]: fields for i, fields in state_dict["state"].items()})
 

@@ -87,3 +87,38 @@ def test_a_local_torch_optimizers_state_loads_and_a_late_or_wrong_one_is_refused
         train_local(remote, opt, batches(1, batch=8))
         with pytest.raises(FailedPrecondition, match="before the first step"):
             opt.load_state_dict(local_opt.state_dict())
+
+
+def test_a_worker_rejoining_a_running_job_keeps_the_servers_newer_state(
+    start_cluster: StartCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The usual resume code of a restarted worker loads its last snapshot:
+    the servers' state, which the whole job has moved on with, stays; the
+    worker learns where the job is from steps_done, and says so."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster = start_cluster(num_servers=2)
+    models = [small_model(), small_model()]
+    clients = [PSClient(cluster.addresses, rank, 2, SPLITTING) for rank in range(2)]
+    opts = [DistributedOptimizer(torch.optim.Adam(m.parameters(), lr=1e-2), c, named_parameters=m.named_parameters())
+            for m, c in zip(models, clients, strict=True)]  # fmt: skip
+    data = batches(4, batch=8)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda r: train_local(models[r], opts[r], [(x[r::2], y[r::2]) for x, y in data[:2]]), range(2)))
+        snapshot = opts[1].state_dict()
+        list(pool.map(lambda r: train_local(models[r], opts[r], [(x[r::2], y[r::2]) for x, y in data[2:3]]), range(2)))
+        clients[1].close(leave=False)  # worker 1 restarts
+        current = opts[0].state_dict()
+        models[1] = small_model(seed=7)
+        clients[1] = PSClient(cluster.addresses, 1, 2, SPLITTING)
+        opts[1] = DistributedOptimizer(torch.optim.Adam(models[1].parameters(), lr=1e-2), clients[1],
+                                       named_parameters=models[1].named_parameters())  # fmt: skip
+        assert opts[1].steps_done == 3
+        with caplog.at_level("WARNING"):
+            opts[1].load_state_dict(snapshot)
+        assert "rejoins the job at step 3" in caplog.text
+        torch.testing.assert_close(opts[0].state_dict()["state"], current["state"], rtol=0, atol=0)
+        list(pool.map(lambda r: train_local(models[r], opts[r], [(x[r::2], y[r::2]) for x, y in data[3:]]), range(2)))
+    assert max_difference(models[0], models[1]) == 0.0
+    for client in clients:
+        client.close()
