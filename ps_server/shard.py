@@ -11,7 +11,6 @@ so a refused request leaves weights, optimizer state and counters as they were.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from ps_server.buffers import BufferPool
 from ps_server.keys import Gradient, PulledKey, Slot, updates_taken
 from ps_server.metrics import ServerMetrics
 from ps_server.optimizer import ShardOptimizer
+from ps_server.optimizer_state import checked_state
 from ps_server.shared_weights import SharedWeights, WeightMemory
 from ps_server.snapshots import read_state, state_of, stats_of
 from ps_server.storage import ShardState
@@ -429,32 +429,9 @@ class Shard:
                 raise FailedPrecondition(
                     "the job has taken updates already: load the optimizer state before the first step"
                 )
-            by_key: dict[str, dict[str, torch.Tensor]] = {}
-            for name, value in states.items():
-                key, _, field = name.rpartition("/")
-                self._slot(key)
-                by_key.setdefault(key, {})[field] = value
-            order = list(self.slots)
-            checked = {}
-            for key, fields in by_key.items():
-                expected = updater.optimizer.state_fields(self.slots[key].value)
-                if set(fields) != set(expected):
-                    raise InvalidArgument(
-                        f"optimizer state of key {key!r} has fields {sorted(fields)}; "
-                        f"{job.optimizer.name} keeps {sorted(expected)}"
-                    )
-                for field, value in list(fields.items()):
-                    shape, dtype = expected[field]
-                    if value.numel() == math.prod(shape):
-                        value = fields[field] = value.view(shape)  # it travelled flat
-                    if tuple(value.shape) != shape or not (value.is_floating_point() or value.dtype == dtype):
-                        raise InvalidArgument(
-                            f"optimizer state {key}/{field} has shape {list(value.shape)} and dtype {value.dtype}; "
-                            f"expected shape {list(shape)}, {dtype}"
-                        )
-                    if not codec.all_finite(value):
-                        raise InvalidArgument(f"optimizer state {key}/{field} contains NaN or Inf")
-                checked[order.index(key)] = {f: v.to(expected[f][1]) for f, v in fields.items()}
+            for name in states:
+                self._slot(name.rpartition("/")[0])  # NOT_FOUND for a key this server does not hold
+            checked = checked_state(job, self.slots, updater.optimizer, states)
             updater.optimizer.set_state(checked, [s.value for s in self.slots.values()])
             return len(checked)
 

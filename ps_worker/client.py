@@ -27,11 +27,11 @@ from ps_common.proto import ps_pb2 as pb
 from ps_worker.client_config import ClientConfig
 from ps_worker.compression import Compression, Compressor, Payload
 from ps_worker.environment import WorkerPlace
-from ps_worker.job_spec import group_options, key_spec, torch_optimizer_class
+from ps_worker.job_spec import group_options, key_spec, torch_optimizer_class, with_keys
 from ps_worker.layout import Layout, checked, flat, gather, scatter
 from ps_worker.links import pulls_while_pushing, push_request_bytes
 from ps_worker.optimizer_state import read_state, write_state
-from ps_worker.pruning import PruningConfig
+from ps_worker.pruning import PruningConfig, read_masks
 from ps_worker.push_stream import PushStream
 from ps_worker.pushing import Pusher
 from ps_worker.servers import Servers
@@ -138,17 +138,13 @@ class PSClient:
         self._optimizer = optimizer
         optimizer_spec = pb.OptimizerSpec(name=torch_optimizer_class(optimizer).__name__, groups=self._group_options())
 
+        job = pb.JobSpec(
+            mode=_MODES[mode], num_workers=self.num_workers, staleness=staleness,
+            scale_lr_by_staleness=scale_lr_by_staleness, optimizer=optimizer_spec,
+            pruning=pruning.to_proto() if pruning else None,
+        )  # fmt: skip
         jobs = [
-            pb.JobSpec(
-                mode=_MODES[mode],
-                num_workers=self.num_workers,
-                staleness=staleness,
-                scale_lr_by_staleness=scale_lr_by_staleness,
-                optimizer=optimizer_spec,
-                pruning=pruning.to_proto() if pruning else None,
-                keys=[key_spec(p, params, group_of, self.prunable) for p in pieces],
-            )
-            for pieces in layout.pieces
+            with_keys(job, [key_spec(p, params, group_of, self.prunable) for p in pieces]) for pieces in layout.pieces
         ]
 
         def init_server(server: int) -> int:
@@ -363,23 +359,7 @@ class PSClient:
 
     def pull_masks(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The pruning masks (True = kept) of the prunable parameters among `shapes`."""
-        masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items() if name in self.prunable}
-
-        def pull_server(server: int) -> None:
-            pieces = {p.key: p for p in self.layout.pieces[server]}
-
-            def destination(chunk: codec.ChunkLike) -> torch.Tensor:
-                piece = pieces.get(chunk.key)
-                if piece is None or piece.fused or piece.parts[0].name not in masks or chunk.dtype != pb.BOOL:
-                    raise InvalidArgument(f"{self.addresses[server]} sent an unexpected mask for {chunk.key!r}")
-                part = piece.parts[0]
-                return masks[part.name].view(-1)[part.start : part.stop]
-
-            request = pb.PullRequest(worker_id=self.worker_id, masks=True)
-            self._servers.transports[server].pull(request, self.config.timeout, destination)
-
-        self._servers.on_every(pull_server)
-        return masks
+        return read_masks(self._servers, self.layout, {n: s for n, s in shapes.items() if n in self.prunable})
 
     def optimizer_state(self, shapes: Mapping[str, torch.Size]) -> dict[str, dict[str, torch.Tensor]]:
         """The servers' optimizer state of every parameter (by name, with

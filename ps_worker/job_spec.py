@@ -13,7 +13,7 @@ from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.sharding import Piece
 
-__all__ = ["group_options", "key_spec", "torch_optimizer_class"]
+__all__ = ["group_options", "key_spec", "torch_optimizer_class", "with_keys"]
 
 # What a subclass may not define: the servers run torch's own, not the subclass's.
 _UPDATE_METHODS = ("step", "_init_group")
@@ -71,4 +71,12 @@ def key_spec(
         part = piece.parts[0]
         spec.tensor, spec.offset, spec.prunable = part.name, part.start, part.name in prunable
         spec.tensor_shape.extend(first.shape)
+    return spec
+
+
+def with_keys(job: pb.JobSpec, keys: list[pb.KeySpec]) -> pb.JobSpec:
+    """`job` as one server declares it: with the keys that server holds."""
+    spec = pb.JobSpec()
+    spec.CopyFrom(job)
+    spec.keys.extend(keys)
     return spec

@@ -14,11 +14,16 @@ of the whole tensor pruned in one process.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from ps_common import codec
+from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
+from ps_worker.layout import Layout
+from ps_worker.servers import Servers
 
 
 @dataclass(frozen=True)
@@ -91,3 +96,25 @@ def magnitude_mask(tensor: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Single-process reference: the mask pruning `tensor` whole would give."""
     threshold = magnitude_threshold(tensor, sparsity)
     return torch.ones_like(tensor, dtype=torch.bool) if threshold is None else tensor.abs() > threshold
+
+
+def read_masks(servers: Servers, layout: Layout, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The pruning masks (True = kept) the servers hold for the parameters
+    of `shapes` (prunable ones: their keys are never fused)."""
+    masks = {name: torch.ones(shape, dtype=torch.bool) for name, shape in shapes.items()}
+
+    def read(server: int) -> None:
+        pieces = {p.key: p for p in layout.pieces[server]}
+
+        def destination(chunk: codec.ChunkLike) -> torch.Tensor:
+            piece = pieces.get(chunk.key)
+            if piece is None or piece.fused or piece.parts[0].name not in masks or chunk.dtype != pb.BOOL:
+                raise InvalidArgument(f"{servers.addresses[server]} sent an unexpected mask for {chunk.key!r}")
+            part = piece.parts[0]
+            return masks[part.name].view(-1)[part.start : part.stop]
+
+        request = pb.PullRequest(worker_id=servers.worker_id, masks=True)
+        servers.transports[server].pull(request, servers.config.timeout, destination)
+
+    servers.on_every(read)
+    return masks

@@ -119,13 +119,14 @@ class _Launch:
         self.started = time.monotonic()
 
     def run(self) -> int:
-        stop = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        # Ctrl-C and SIGTERM both stop everything, even where SIGINT came
+        # ignored from the parent (a background job, some test runners).
+        previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             with tempfile.TemporaryDirectory(prefix="ps-run-") as workdir:
                 addresses = self._servers(Path(workdir))
                 self._start_workers(addresses)
-                return self._wait(stop)
+                return self._wait()
         except KeyboardInterrupt:
             self._stop_all()
             print("ps-run: interrupted; every process was stopped", file=sys.stderr, flush=True)
@@ -135,7 +136,8 @@ class _Launch:
             print(f"ps-run: {exc}", file=sys.stderr, flush=True)
             return 1
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
     def _servers(self, workdir: Path) -> list[str]:
         if self.args.role == "worker":
@@ -173,12 +175,10 @@ class _Launch:
             if worker.stdout is not None:
                 self.output.follow(f"worker {rank}", worker.stdout)
 
-    def _wait(self, stop: threading.Event) -> int:
-        """Until every worker has ended, one fails, a server dies or ps-run is told to stop."""
+    def _wait(self) -> int:
+        """Until every worker has ended, one fails or a server dies."""
         ranks = [self.args.node_rank * self.args.workers + i for i in range(len(self.workers))]
         while True:
-            if stop.is_set():
-                raise KeyboardInterrupt
             codes = [worker.poll() for worker in self.workers]
             failed = [(rank, code) for rank, code in zip(ranks, codes, strict=True) if code not in (None, 0)]
             dead = [(i, s.returncode) for i, s in enumerate(self.servers) if s.poll() is not None]
