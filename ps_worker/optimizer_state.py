@@ -47,21 +47,15 @@ def _joined(name: str, layout: Layout, by_key: Mapping[str, State], shape: torch
     """Parameter `name`'s state from the states of the keys it lies in."""
     pieces = layout.pieces_of[name]
     states = [by_key.get(piece.key, {}) for piece in pieces]
-    if not any(states):
-        return {}
-    fields = set(states[0])
-    if any(set(state) != fields for state in states):
-        raise InvalidArgument(f"the servers hold optimizer state for only some of the ranges of {name!r}")
     whole: State = {}
-    for field in sorted(fields):
+    for field in _common_fields(states, f"the servers hold optimizer state for only some of the ranges of {name!r}"):
         values = [state[field] for state in states]
         if values[0].dim() == 0:  # a count, such as Adam's step: one for the parameter
-            if any(not torch.equal(value, values[0]) for value in values):
-                raise InvalidArgument(
-                    f"the ranges of {name!r} hold different {field!r} ({[v.item() for v in values]}), which "
-                    "torch's per-parameter state cannot express (some were updated without the others)"
-                )
-            whole[field] = values[0].clone()
+            whole[field] = _one(
+                values,
+                f"the ranges of {name!r} hold different {field!r}, which torch's "
+                "per-parameter state cannot express (some were updated without the others)",
+            )
             continue
         tensor = torch.empty(shape, dtype=values[0].dtype)
         for piece, value in zip(pieces, values, strict=True):
@@ -87,18 +81,11 @@ def write_state(servers: Servers, layout: Layout, states: Mapping[str, State]) -
 def _cut(piece: Piece, states: Mapping[str, State]) -> State:
     """The state of key `piece`, from its parameters' (empty if none has any)."""
     parts = [states.get(name, {}) for name in piece.names]
-    if not any(parts):
-        return {}
-    fields = set(parts[0])
-    if any(set(state) != fields for state in parts):
-        raise InvalidArgument(f"parameters {piece.names} share a key and must all have optimizer state, or none")
     cut: State = {}
-    for field in fields:
+    for field in _common_fields(parts, f"parameters {piece.names} share a key: all must have optimizer state, or none"):
         values = [state[field] for state in parts]
         if values[0].dim() == 0:
-            if any(not torch.equal(value, values[0]) for value in values):
-                raise InvalidArgument(f"parameters {piece.names} share a key but not the same {field!r}")
-            cut[field] = values[0]
+            cut[field] = _one(values, f"parameters {piece.names} share a key but not the same {field!r}")
         else:
             cut[field] = torch.cat([flat(value.contiguous())[part.start : part.stop]
                                     for value, part in zip(values, piece.parts, strict=True)])  # fmt: skip
@@ -118,3 +105,20 @@ def _messages(worker_id: int, states: list[tuple[Piece, State]], chunk_bytes: in
         yield pb.SetStateRequest(worker_id=worker_id, chunks=[chunk.to_proto() for chunk in batch])
     if not sent:
         yield pb.SetStateRequest(worker_id=worker_id)
+
+
+def _common_fields(states: list[State], mismatch: str) -> list[str]:
+    """The fields every one of `states` has (none if none has any); InvalidArgument(`mismatch`) if they differ."""
+    if not any(states):
+        return []
+    fields = set(states[0])
+    if any(set(state) != fields for state in states):
+        raise InvalidArgument(mismatch)
+    return sorted(fields)
+
+
+def _one(values: list[torch.Tensor], mismatch: str) -> torch.Tensor:
+    """The value all of `values` hold (a count such as a step); InvalidArgument(`mismatch`) if they differ."""
+    if any(not torch.equal(value, values[0]) for value in values):
+        raise InvalidArgument(mismatch)
+    return values[0].clone()
