@@ -104,3 +104,33 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_cluster_roles_a_server_here_and_this_hosts_workers_against_it(tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    server = subprocess.Popen([*PS_RUN, "--role", "server", "--", "--port", "0", "--port-file", str(port_file)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        env = {**os.environ, "PS_SERVERS": f"127.0.0.1:{port_file.read_text()}"}
+        # Two hosts of two workers each: this is host 1 of 2, so its workers are ranks 2 and 3...
+        worker_host = [*PS_RUN, "--role", "worker", "--nnodes", "2", "--workers", "2", "--master-port", "29511"]
+        script = tmp_path / "where.py"
+        script.write_text("import os; print('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], "
+                          "'local', os.environ['LOCAL_RANK'], 'servers', os.environ['PS_SERVERS'])\n")  # fmt: skip
+        result = subprocess.run([*worker_host, "--node-rank", "1", str(script)], env=env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        for rank, local in ((2, 0), (3, 1)):
+            assert f"[worker {rank}] rank {rank} of 4 local {local} servers {env['PS_SERVERS']}" in result.stdout
+        # ...and with a single host, the quickstart trains against the server started by role server.
+        single = subprocess.run([*PS_RUN, "--role", "worker", "--workers", "2", str(EXAMPLES / "quickstart.py")],
+                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert single.returncode == 0, single.stderr
+        assert len(set(re.findall(r"weights checksum (\S+)", single.stdout))) == 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
