@@ -225,17 +225,18 @@ class ParameterService:
 
     @_counted
     def set_state(self, requests: Iterator[pb.SetStateRequest | wire.Malformed]) -> pb.SetStateResponse:
-        worker_id = None
+        first = None
         assembler = assembly.ChunkAssembler(assembly.new_tensor_for)
         for request in map(_parsed, requests):
-            if worker_id is not None and request.worker_id != worker_id:
-                raise InvalidArgument("every SetState message must name the same worker")
-            worker_id = request.worker_id
+            if first is not None and (request.worker_id, request.check_only) != (first.worker_id, first.check_only):
+                raise InvalidArgument("every SetState message must name the same worker and check_only")
+            first = first or request
             for chunk in request.chunks:
                 assembler.add(chunk)
-        if worker_id is None:
+        if first is None:
             raise InvalidArgument("SetState carried no message")
-        return pb.SetStateResponse(keys=self.shard.set_state(worker_id, assembler.finish()))
+        keys = self.shard.set_state(first.worker_id, assembler.finish(), check_only=first.check_only)
+        return pb.SetStateResponse(keys=keys)
 
     @_counted
     def leave(self, request: pb.LeaveRequest | wire.Malformed) -> pb.LeaveResponse:

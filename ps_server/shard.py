@@ -417,10 +417,11 @@ class Shard:
                 for name, value in updater.optimizer.state_of(slot.value).items()
             ]
 
-    def set_state(self, worker_id: int, states: Mapping[str, torch.Tensor]) -> int:
+    def set_state(self, worker_id: int, states: Mapping[str, torch.Tensor], check_only: bool = False) -> int:
         """Worker 0 sets the optimizer state of keys ("<key>/<field>": tensor)
         before the job's first update: every field torch keeps for each key
-        named, with its shape, or nothing changes. Returns the keys set."""
+        named, with its shape, or nothing changes (`check_only`: nothing
+        does, once checked). Returns the keys set, or that would be."""
         with self._cond:
             job, updater = self._require_job()
             if worker_id != 0:
@@ -432,7 +433,8 @@ class Shard:
             for name in states:
                 self._slot(name.rpartition("/")[0])  # NOT_FOUND for a key this server does not hold
             checked = checked_state(job, self.slots, updater.optimizer, states)
-            updater.optimizer.set_state(checked, [s.value for s in self.slots.values()])
+            if not check_only:
+                updater.optimizer.set_state(checked, [s.value for s in self.slots.values()])
             return len(checked)
 
     @property

@@ -68,14 +68,16 @@ def _joined(name: str, layout: Layout, by_key: Mapping[str, State], shape: torch
 
 def write_state(servers: Servers, layout: Layout, states: Mapping[str, State]) -> None:
     """Set the servers' optimizer state from `states` (by parameter name, in
-    torch's form), every server's keys at once, checked first."""
+    torch's form): checked by every server first, then set on every one, so
+    that a state one server refuses changes none."""
     by_server = [[(piece, _cut(piece, states)) for piece in pieces] for pieces in layout.pieces]
 
-    def write(server: int) -> None:
-        messages = _messages(servers.worker_id, by_server[server], servers.config.chunk_bytes)
+    def write(server: int, check_only: bool) -> None:
+        messages = _messages(servers.worker_id, by_server[server], servers.config.chunk_bytes, check_only)
         servers.transports[server].set_state(messages, servers.config.timeout)
 
-    servers.on_every(write)
+    servers.on_every(lambda server: write(server, check_only=True))
+    servers.on_every(lambda server: write(server, check_only=False))
 
 
 def _cut(piece: Piece, states: Mapping[str, State]) -> State:
@@ -92,7 +94,9 @@ def _cut(piece: Piece, states: Mapping[str, State]) -> State:
     return cut
 
 
-def _messages(worker_id: int, states: list[tuple[Piece, State]], chunk_bytes: int) -> Iterator[pb.SetStateRequest]:
+def _messages(
+    worker_id: int, states: list[tuple[Piece, State]], chunk_bytes: int, check_only: bool
+) -> Iterator[pb.SetStateRequest]:
     chunks = (
         chunk
         for piece, state in states
@@ -102,9 +106,9 @@ def _messages(worker_id: int, states: list[tuple[Piece, State]], chunk_bytes: in
     sent = False
     for batch in codec.batched(chunks, chunk_bytes):
         sent = True
-        yield pb.SetStateRequest(worker_id=worker_id, chunks=[chunk.to_proto() for chunk in batch])
+        yield pb.SetStateRequest(worker_id=worker_id, chunks=[c.to_proto() for c in batch], check_only=check_only)
     if not sent:
-        yield pb.SetStateRequest(worker_id=worker_id)
+        yield pb.SetStateRequest(worker_id=worker_id, check_only=check_only)
 
 
 def _common_fields(states: list[State], mismatch: str) -> list[str]:

@@ -364,12 +364,14 @@ class StateRequest(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ...) -> None: ...
 
 class SetStateRequest(_message.Message):
-    __slots__ = ("worker_id", "chunks")
+    __slots__ = ("worker_id", "chunks", "check_only")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ONLY_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, worker_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    check_only: bool
+    def __init__(self, worker_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., check_only: _Optional[bool] = ...) -> None: ...
 
 class SetStateResponse(_message.Message):
     __slots__ = ("keys",)

@@ -122,3 +122,18 @@ def test_a_worker_rejoining_a_running_job_keeps_the_servers_newer_state(
     assert max_difference(models[0], models[1]) == 0.0
     for client in clients:
         client.close()
+
+
+def test_a_state_one_server_refuses_changes_no_server(start_cluster: StartCluster) -> None:
+    local, remote = small_model(), small_model()
+    local_opt = torch.optim.Adam(local.parameters(), lr=1e-2)
+    train_local(local, local_opt, batches(3, batch=8))
+    client, opt = _distributed(start_cluster(num_servers=2).addresses, remote, OPTIMIZERS["adam"], SPLITTING)
+    with client:
+        holders = {piece.server for pieces in client.layout.pieces for piece in pieces}
+        assert holders == {0, 1}  # both servers hold keys whose state is fine
+        broken = local_opt.state_dict()
+        broken["state"][3]["exp_avg"] = torch.zeros(2)  # 2.bias, 4 elements: one key, on one server
+        with pytest.raises(InvalidArgument, match=r"2\.bias/exp_avg has shape \[2\]"):
+            opt.load_state_dict(broken)
+        assert opt.state_dict()["state"] == {}
