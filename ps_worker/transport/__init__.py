@@ -68,7 +68,6 @@ class _Discovered(Transport):
         self._options = options
         self._hello = hello
         self._current: Transport | None = None
-        self._retired: list[Transport] = []
         self._lock = threading.Lock()
 
     def _transport(self) -> Transport:
@@ -76,8 +75,8 @@ class _Discovered(Transport):
             current = self._current
             if current is None or (isinstance(current, SocketTransport) and current.lost):
                 answer = self._grpc.hello(self._hello, timeout=_HELLO_TIMEOUT)  # its failure is the call's
-                if current is not None:
-                    self._retired.append(current)  # closed with this one: a push may still be on it
+                if current is not None:  # closed aside: a push may still be ending on it
+                    threading.Thread(target=current.close, name="ps-retire-transport", daemon=True).start()
                 current = self._grpc
                 if answer.data_port:
                     current = SocketTransport(
@@ -117,8 +116,7 @@ class _Discovered(Transport):
 
     def close(self) -> None:
         with self._lock:
-            transports, self._current, self._retired = [self._current, *self._retired], None, []
-        for transport in transports:
-            if transport is not None and transport is not self._grpc:
-                transport.close()
+            current, self._current = self._current, None
+        if current is not None and current is not self._grpc:
+            current.close()
         self._grpc.close()
