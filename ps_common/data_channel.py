@@ -28,7 +28,7 @@ from ps_common.codec import DEFAULT_CHUNK_BYTES
 from ps_common.errors import InvalidArgument
 from ps_common.proto import ps_pb2 as pb
 
-__all__ = ["BODY_LIMIT", "HEADER_LIMIT", "Closed", "Receiver", "read_with_fds", "tune", "write"]
+__all__ = ["BODY_LIMIT", "HEADER_LIMIT", "Closed", "Receiver", "read_exactly", "read_with_fds", "tune", "write"]
 
 HEADER_LIMIT = 64 * 2**10
 BODY_LIMIT = DEFAULT_CHUNK_BYTES + 64 * 2**10  # gRPC's default message limit, 4 MiB
@@ -180,6 +180,11 @@ def _read_header(stream: io.BufferedIOBase, body_limit: int) -> pb.DataHeader:
     if header.body_length > body_limit:
         raise InvalidArgument(f"message of {header.body_length} bytes; the limit is {body_limit} (send chunks)")
     return header
+
+
+def read_exactly(stream: io.BufferedIOBase, size: int) -> bytes:
+    """The next `size` bytes of the stream; Closed if it ends before."""
+    return _fill(stream, b"", size)
 
 
 def _fill(stream: io.BufferedIOBase, start: bytes, size: int) -> bytes:

@@ -160,7 +160,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         packed: dict[str, Any] = super().state_dict()
         shapes = {name: param.shape for name, param in self._params.items()}
         states = self.client.optimizer_state(shapes)
-        order = [self._names[id(p)] for group in self.param_groups for p in group["params"]]
+        order = self._order()
         packed["state"] = {index: states[name] for index, name in enumerate(order) if name in states}
         return packed
 
@@ -181,8 +181,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 self.client.worker_id, self._joined_at,
             )  # fmt: skip
             return
-        order = [self._names[id(p)] for group in self.param_groups for p in group["params"]]
+        order = self._order()
         self.client.load_optimizer_state({order[int(i)]: fields for i, fields in state_dict["state"].items()})
+
+    def _order(self) -> list[str]:
+        """The parameters' names in the order of torch's state_dict indices (through the param groups)."""
+        return [self._names[id(p)] for group in self.param_groups for p in group["params"]]
 
     @property
     def steps_done(self) -> int:

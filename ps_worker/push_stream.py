@@ -116,7 +116,7 @@ class PushStream:
             try:
                 untaken_here = untaken[server]
                 rest = pusher.start_requests(server, self._header, untaken_here, self._payloads) if untaken_here else []
-                pusher.settle(server, [self._calls[server], *rest])
+                pusher.settle([self._calls[server], *rest])
                 return
             except PSError as exc:
                 if exc.code not in RETRIED_WHILE_WAITING:

@@ -108,7 +108,7 @@ class Pusher:
     def push_to(self, server: int) -> None:
         """Send the remembered push to one server, once."""
         header, payloads = self._remembered()
-        self.settle(server, self.start_requests(server, header, self.layout.pieces[server], payloads))
+        self.settle(self.start_requests(server, header, self.layout.pieces[server], payloads))
 
     def _remembered(self) -> tuple[pb.PushHeader, Payloads]:
         if self._last is None:
@@ -132,7 +132,7 @@ class Pusher:
         return self.servers.transports[server].push(frames, self.servers.config.timeout)
 
     @staticmethod
-    def settle(server: int, calls: Sequence[PushCall]) -> None:
+    def settle(calls: Sequence[PushCall]) -> None:
         """Wait for every call, then raise a failure if any (one that a retry
         cannot cure first): none is left in flight to race a retry."""
         errors = []

@@ -15,7 +15,7 @@ from ps_common import PROTOCOL_VERSION
 from ps_common.errors import Code, PSError, WaitTimeout
 from ps_common.proto import ps_pb2 as pb
 from ps_worker.client_config import ClientConfig
-from ps_worker.transport import Transport, connect
+from ps_worker.transport import HELLO_TIMEOUT, Transport, connect
 
 __all__ = ["RETRIED_WHILE_WAITING", "Servers"]
 
@@ -26,7 +26,6 @@ T = TypeVar("T")
 # The statuses of a call that may go through if tried again: the server is
 # (re)starting, or it answered that what the call waits for is not there yet.
 RETRIED_WHILE_WAITING = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
-_HELLO_TIMEOUT = 5.0
 
 
 class Servers:
@@ -59,7 +58,7 @@ class Servers:
         """Hello until the server answers (and, if asked, until it is initialized)."""
 
         def hello() -> pb.HelloResponse:
-            response = self.transports[server].hello(self.hello, min(self.config.timeout, _HELLO_TIMEOUT))
+            response = self.transports[server].hello(self.hello, min(self.config.timeout, HELLO_TIMEOUT))
             if initialized and not response.initialized:
                 raise WaitTimeout("worker 0 has not initialized it yet")
             return response
@@ -109,7 +108,7 @@ class Servers:
         while not self._closing.wait(self.config.heartbeat_interval):
             for transport in self.transports:
                 try:
-                    transport.hello(self.hello, min(self.config.timeout, _HELLO_TIMEOUT))
+                    transport.hello(self.hello, min(self.config.timeout, HELLO_TIMEOUT))
                 except PSError as exc:
                     log.debug("heartbeat failed: %s", exc)
 
@@ -127,7 +126,7 @@ class Servers:
 
             def tell(server: int) -> None:
                 try:
-                    self.transports[server].leave(request, min(self.config.timeout, _HELLO_TIMEOUT))
+                    self.transports[server].leave(request, min(self.config.timeout, HELLO_TIMEOUT))
                 except PSError as exc:  # it will give up on this worker after its worker timeout instead
                     log.warning("worker %d could not tell %s that it leaves: %s",
                                 self.worker_id, self.addresses[server], exc)  # fmt: skip

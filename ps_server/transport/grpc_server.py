@@ -60,12 +60,16 @@ class _Servicer:
     def Push(self, requests: Iterator[Any], context: grpc.ServicerContext) -> pb.PushResponse:
         return self._unary(context, lambda: self._service.push(requests))
 
-    def Pull(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _streamed(self, context: grpc.ServicerContext, messages: Iterator[list[Any]]) -> Iterator[bytes]:
+        """Each message of an answer stream, joined from its pieces."""
         try:
-            for parts in self._service.pull(request, context.time_remaining()):
+            for parts in messages:
                 yield b"".join(parts)
         except PSError as exc:
             _abort(context, exc)
+
+    def Pull(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        return self._streamed(context, self._service.pull(request, context.time_remaining()))
 
     def Stats(self, request: Any, context: grpc.ServicerContext) -> pb.StatsResponse:
         return self._unary(context, lambda: self._service.stats(request))
@@ -77,11 +81,7 @@ class _Servicer:
         return self._unary(context, lambda: self._service.leave(request))
 
     def GetState(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
-        try:
-            for parts in self._service.get_state(request):
-                yield b"".join(parts)
-        except PSError as exc:
-            _abort(context, exc)
+        return self._streamed(context, self._service.get_state(request))
 
     def SetState(self, requests: Iterator[Any], context: grpc.ServicerContext) -> pb.SetStateResponse:
         return self._unary(context, lambda: self._service.set_state(requests))

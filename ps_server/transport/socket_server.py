@@ -300,10 +300,7 @@ def _read_whole(message: type[Message]) -> Callable[[io.BufferedIOBase, int], An
     parse = wire.lenient(message)
 
     def read(stream: io.BufferedIOBase, size: int) -> Any:
-        body = stream.read(size)
-        if len(body) != size:
-            raise data_channel.Closed("connection closed in the middle of a message")
-        return parse(body)
+        return parse(data_channel.read_exactly(stream, size))
 
     return read
 

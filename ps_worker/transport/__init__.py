@@ -26,9 +26,10 @@ from ps_worker.transport.grpc_client import GrpcTransport, open_channel
 from ps_worker.transport.security import ClientSecurity
 from ps_worker.transport.socket_client import SocketTransport
 
-__all__ = ["ClientSecurity", "PushCall", "Transport", "TransportOptions", "connect", "open_channel"]
+__all__ = ["HELLO_TIMEOUT", "ClientSecurity", "PushCall", "Transport", "TransportOptions", "connect", "open_channel"]
 
-_HELLO_TIMEOUT = 5.0
+# The longest a Hello, a heartbeat or a Leave waits: they wait for nobody.
+HELLO_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class _Discovered(Transport):
         with self._lock:
             current = self._current
             if current is None or (isinstance(current, SocketTransport) and current.lost):
-                answer = self._grpc.hello(self._hello, timeout=_HELLO_TIMEOUT)  # its failure is the call's
+                answer = self._grpc.hello(self._hello, timeout=HELLO_TIMEOUT)  # its failure is the call's
                 if current is not None:  # closed aside: a push may still be ending on it
                     threading.Thread(target=current.close, name="ps-retire-transport", daemon=True).start()
                 current = self._grpc
